@@ -1,0 +1,139 @@
+"""Files a stage leaves behind, each written to a temp file and renamed into place."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) then rename tmp to path, so a crash never leaves half a file at path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    """JSON with sorted keys and NaN written as null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    text = json.dumps(clean(data), indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_state_dict(path: Path, model: torch.nn.Module) -> float:
+    """Save model.state_dict(); returns the file size in MB (1 MB = 1e6 bytes)."""
+    atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    return Path(path).stat().st_size / 1e6
+
+
+def save_torchscript(path: Path, module: torch.jit.ScriptModule) -> Path:
+    """torch.jit.save, atomically."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return atomic_write(path, lambda tmp: torch.jit.save(module, str(tmp)))
+
+
+def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """torch.jit.freeze (weights inlined as constants) of an eval-mode script module."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.freeze(module.eval())
+
+
+def read_epoch_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Lightning CSVLogger rows -> {metric: [(epoch, value), ...]} for the epoch-level metrics."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    if not Path(csv_path).is_file():
+        return series
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("epoch"):
+                continue
+            for key, value in row.items():
+                if key in ("epoch", "step") or not value:
+                    continue
+                series.setdefault(key, []).append((int(float(row["epoch"])), float(value)))
+    return series
+
+
+def plot_curves(ax_loss, ax_acc, series: dict[str, list[tuple[int, float]]], title: str) -> None:
+    """Train vs val loss and accuracy per epoch on two axes."""
+    for ax, what in ((ax_loss, "loss"), (ax_acc, "acc")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            points = series.get(f"{split}/{what}", [])
+            if points:
+                epochs, values = zip(*points)
+                ax.plot([e + 1 for e in epochs], values, style, label=split, markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if what == "acc" else "loss")
+        ax.set_title(f"{title}: {'accuracy' if what == 'acc' else 'loss'}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+
+def save_curves(path: Path, csv_path: Path, title: str) -> Path:
+    """curves.png: train vs val loss (left) and accuracy (right) per epoch."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    plot_curves(a, b, read_epoch_metrics(csv_path), title)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def plot_confusion(ax, confmat: Tensor, classes: Sequence[str], title: str) -> None:
+    """Row-normalized confusion matrix with counts in the cells."""
+    cm = confmat.cpu().double()
+    rates = cm / cm.sum(dim=1, keepdim=True).clamp(min=1)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    n = len(classes)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if rates[i, j] > 0.5 else "black")
+
+
+def save_confusion(path: Path, confmat: Tensor, classes: Sequence[str], title: str) -> Path:
+    """confusion_matrix.png for one model."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    plot_confusion(ax, confmat, classes, title)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> Path:
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

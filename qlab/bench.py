@@ -1,0 +1,46 @@
+"""Single-image CPU latency, measured the same way for every model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def measure_latency(
+    model: Callable[[Tensor], Tensor],
+    *,
+    runs: int = 1000,
+    warmup: int = 50,
+    threads: int | None = None,
+    image_size: int = 32,
+) -> dict[str, float]:
+    """Median and p90 wall time (ms) of model(one 3xHxW image) on CPU, after warm-up runs."""
+    if runs < 1:
+        raise ValueError(f"bench.runs={runs} must be at least 1.")
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    x = torch.rand(1, 3, image_size, image_size)
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "runs": runs,
+        "threads": used,
+    }

@@ -1,0 +1,166 @@
+"""Stage functions: each composes objects from the config, runs, and writes outputs/<name>/<stage>/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from qlab import artifacts
+from qlab.bench import measure_latency
+from qlab.data import ImageDataModule
+from qlab.errors import QlabError
+from qlab.models import Deployable
+from qlab.module import LitClassifier
+
+
+def output_dir() -> Path:
+    """This job's folder: outputs/<name>/<stage> for a run, a numbered subfolder in a sweep."""
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _is_launcher_child() -> bool:
+    # Lightning's DDP launcher re-runs the script for ranks > 0 with LOCAL_RANK/NODE_RANK set.
+    return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
+
+
+def resume_path(cfg: DictConfig, out: Path) -> str | None:
+    """The checkpoint to continue from, or None for a fresh run; refuses to clobber an old run."""
+    last = out / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).is_file():
+            raise QlabError(f"ckpt_path={cfg.ckpt_path} does not exist.")
+        return str(cfg.ckpt_path)
+    if cfg.resume:
+        if not last.is_file():
+            raise QlabError(
+                f"resume=true but {last} does not exist: nothing to continue. Drop resume=true to "
+                f"start a new run, or pass ckpt_path=PATH."
+            )
+        return str(last)
+    earlier = [p for p in (out / "metrics.json", last) if p.exists()]
+    if earlier and not _is_launcher_child():
+        if not cfg.overwrite:
+            raise QlabError(
+                f"{out} already holds a run ({earlier[0].name}). Continue it with resume=true, "
+                f"pick another name=..., or replace it with overwrite=true."
+            )
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for sub in ("csv", "tensorboard"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    return None
+
+
+def build_datamodule(cfg: DictConfig) -> ImageDataModule:
+    """The DataModule from cfg.data, with its class list resolved."""
+    dm = instantiate(cfg.data)
+    dm.resolve_classes()
+    return dm
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    """The network from cfg.model."""
+    return instantiate(cfg.model, num_classes=num_classes)
+
+
+def build_lit(cfg: DictConfig, model: torch.nn.Module, dm: ImageDataModule) -> LitClassifier:
+    """LitClassifier wired from cfg.module, cfg.optimizer, cfg.scheduler and cfg.augment."""
+    augment = instantiate(cfg.augment) if cfg.get("augment") else None
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return LitClassifier(
+        model=model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler,
+        num_classes=dm.num_classes, mean=dm.mean, std=dm.std, augment=augment,
+        **OmegaConf.to_container(cfg.module, resolve=True),
+    )
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
+    """The Trainer from cfg.trainer with cfg.callbacks and cfg.logger."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks or []),
+                       logger=loggers or False, default_root_dir=str(output_dir()))
+
+
+def fit_and_test(trainer: L.Trainer, lit: LitClassifier, dm: ImageDataModule,
+                 ckpt_path: str | None) -> dict:
+    """fit (from ckpt_path if given), test the best checkpoint, and gather what every rank did."""
+    trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
+    ckpt = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    per_rank = trainer.strategy.all_gather(torch.tensor(lit.train_samples)).reshape(-1)
+    seconds = trainer.strategy.all_gather(torch.tensor(lit.train_seconds)).reshape(-1)
+    tested = trainer.test(lit, datamodule=dm, ckpt_path=best, verbose=False)[0]
+    confmat = lit.test_confmat.compute()  # every rank: torchmetrics syncs across them
+    return {
+        "accuracy": 100.0 * float(tested["test/acc"]),
+        "loss": float(tested["test/loss"]),
+        "confmat": confmat,
+        "best_ckpt": best,
+        "world_size": trainer.world_size,
+        "train_samples_per_rank": [int(v) for v in per_rank.tolist()],
+        "train_images_per_s": float(per_rank.sum() / seconds.max().clamp(min=1e-9)),
+        "epochs": trainer.current_epoch,
+    }
+
+
+def export(model: torch.nn.Module, dm: ImageDataModule) -> torch.jit.ScriptModule:
+    """TorchScript of Deployable(model): float [0,1] NCHW in, logits out, on CPU."""
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream but is what loads anywhere
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(Deployable(model.eval().cpu(), dm.mean, dm.std).eval())
+
+
+def base_metrics(cfg: DictConfig, stage: str, dm: ImageDataModule, out: Path) -> dict:
+    """Fields every metrics.json carries besides the measured numbers."""
+    return {
+        "stage": stage,
+        "name": cfg.name,
+        "num_test_images": int(len(dm.splits["test"][1])),
+        "classes": list(dm.classes),
+        "config_path": str((out / ".hydra" / "config.yaml").resolve()),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data_source": dm.source,
+    }
+
+
+def run_fp32(cfg: DictConfig) -> dict | None:
+    """Train FP32, test the best checkpoint, export model_fp32.pt and write the stage's files."""
+    out = output_dir()
+    ckpt_path = resume_path(cfg, out)
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    lit = build_lit(cfg, build_model(cfg, dm.num_classes), dm)
+    trainer = build_trainer(cfg)
+    result = fit_and_test(trainer, lit, dm, ckpt_path)
+    if not trainer.is_global_zero:
+        return None
+    model = lit.model.eval().cpu()
+    size_mb = artifacts.save_state_dict(out / "model_fp32_state_dict.pt", model)
+    scripted = export(model, dm)
+    artifacts.save_torchscript(out / "model_fp32.pt", scripted)
+    latency = measure_latency(artifacts.freeze(scripted), **_bench_args(cfg, dm))
+    artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "FP32")
+    artifacts.save_confusion(out / "confusion_matrix.png", result.pop("confmat"), dm.classes,
+                             f"FP32 test ({result['accuracy']:.2f}%)")
+    metrics = base_metrics(cfg, "fp32", dm, out) | result | {
+        "size_mb": size_mb,
+        "latency": latency,
+        "backend": "fp32",
+        "precision": str(cfg.trainer.precision),
+    }
+    artifacts.write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _bench_args(cfg: DictConfig, dm: ImageDataModule) -> dict:
+    return {"runs": cfg.bench.runs, "warmup": cfg.bench.warmup, "threads": cfg.bench.threads,
+            "image_size": dm.image_size}
