@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -86,8 +87,12 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     """The Trainer from cfg.trainer with cfg.callbacks and cfg.logger."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    return instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks or []),
-                       logger=loggers or False, default_root_dir=str(output_dir()))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks or []),
+                          logger=loggers or False, default_root_dir=str(output_dir()))
+    if cfg.trainer.sync_batchnorm and isinstance(trainer.accelerator, CPUAccelerator):
+        raise QlabError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is CUDA "
+                        "only); drop it for DDP on CPU.")
+    return trainer
 
 
 def fit_and_test(trainer: L.Trainer, lit: LitClassifier, dm: ImageDataModule,
@@ -149,9 +154,11 @@ def run_fp32(cfg: DictConfig) -> dict | None:
     artifacts.save_torchscript(out / "model_fp32.pt", scripted)
     latency = measure_latency(artifacts.freeze(scripted), **_bench_args(cfg, dm))
     artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "FP32")
-    artifacts.save_confusion(out / "confusion_matrix.png", result.pop("confmat"), dm.classes,
+    confmat = result.pop("confmat")
+    artifacts.save_confusion(out / "confusion_matrix.png", confmat, dm.classes,
                              f"FP32 test ({result['accuracy']:.2f}%)")
     metrics = base_metrics(cfg, "fp32", dm, out) | result | {
+        "confusion_matrix": confmat.tolist(),
         "size_mb": size_mb,
         "latency": latency,
         "backend": "fp32",
@@ -164,3 +171,36 @@ def run_fp32(cfg: DictConfig) -> dict | None:
 def _bench_args(cfg: DictConfig, dm: ImageDataModule) -> dict:
     return {"runs": cfg.bench.runs, "warmup": cfg.bench.warmup, "threads": cfg.bench.threads,
             "image_size": dm.image_size}
+
+
+def run_qat(cfg: DictConfig) -> dict | None:
+    """Fine-tune the FP32 weights with po2 fake-quant, then convert a CPU copy to INT8."""
+    from qlab.quant.ptq import finish_int8, fp32_model_config, fp32_weights_path, qconfig_from_cfg
+    from qlab.quant.qat import QATCallback
+    from qlab.quant.qconfig import set_backend
+
+    out = output_dir()
+    ckpt_path = resume_path(cfg, out)
+    L.seed_everything(cfg.seed, workers=True)
+    set_backend(cfg.quant.backend)
+    dm = build_datamodule(cfg)
+    weights, fp32_metrics = fp32_weights_path(cfg)
+    model_cfg = fp32_model_config(cfg, fp32_metrics)
+    model = instantiate(model_cfg, num_classes=dm.num_classes)
+    qat = cfg.quant.qat
+    callback = QATCallback(qconfig=qconfig_from_cfg(cfg.quant, qat=True), fp32_weights=weights,
+                           freeze_observer_epoch=qat.freeze_observer_epoch,
+                           freeze_bn_epoch=qat.freeze_bn_epoch)
+    lit = build_lit(cfg, model, dm)
+    trainer = build_trainer(cfg, [callback])
+    result = fit_and_test(trainer, lit, dm, ckpt_path)
+    if not trainer.is_global_zero:
+        return None
+    artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "QAT (fake-quant)")
+    result.pop("confmat")
+    extra = {f"fake_quant_{k}": result.pop(k) for k in ("accuracy", "loss")} | result | {
+        "fp32_weights": str(weights),
+        "model": OmegaConf.to_container(model_cfg, resolve=True),
+        "precision": str(cfg.trainer.precision),
+    }
+    return finish_int8(cfg, stage="qat", prepared=lit.model, dm=dm, out=out, extra=extra)

@@ -1,0 +1,30 @@
+# Every target makes .venv itself from pyproject.toml on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow test-realdata test-all bench lint clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## FP32 -> PTQ -> QAT -> report on the offline synthetic data (outputs/demo/)
+	$(PY) train.py stage=fp32 experiment=demo name=demo overwrite=true
+
+test: $(STAMP)  ## fast tests, then the 2-process DDP tests
+	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m ddp
+
+test-slow: $(STAMP)  ## minutes: the full stage flow with the default model
+	$(PY) -m pytest -q -m slow
+
+test-realdata: $(STAMP)  ## needs ../shared/data/cifar10-jpeg.tar.gz
+	$(PY) -m pytest -q -m realdata
+
+test-all: test test-slow test-realdata
+
+lint: $(STAMP)
+	$(PY) -m ruff check qlab tests benchmarks train.py quantize.py

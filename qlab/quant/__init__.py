@@ -1,0 +1,1 @@
+"""INT8 quantization: the power-of-two observer, qconfigs, PTQ and the QAT callback."""

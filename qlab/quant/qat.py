@@ -1,0 +1,57 @@
+"""QATCallback: turns the FP32 LightningModule's network into a fake-quant one before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.ao.nn.intrinsic import qat as nniqat
+from torch.ao.quantization import QConfig, disable_observer, prepare_qat
+
+from qlab.checkpoint import load_fp32_weights
+
+
+class QATCallback(L.Callback):
+    """Fuse (is_qat=True), set the po2 fake-quant qconfig, prepare_qat; freeze on schedule.
+
+    Preparing in setup() means it happens before DDP wraps the model and before Lightning
+    restores a checkpoint, so a resumed QAT run loads fake-quant state into a fake-quant model.
+    """
+
+    def __init__(self, *, qconfig: QConfig, fp32_weights: Path | None,
+                 freeze_observer_epoch: int, freeze_bn_epoch: int) -> None:
+        self.qconfig, self.fp32_weights = qconfig, fp32_weights
+        self.freeze_observer_epoch, self.freeze_bn_epoch = freeze_observer_epoch, freeze_bn_epoch
+        self.prepared = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.prepared:
+            return
+        model = pl_module.model
+        if self.fp32_weights is not None:
+            load_fp32_weights(model, self.fp32_weights)
+        model.train()
+        model.fuse_model(is_qat=True)
+        model.qconfig = self.qconfig
+        prepare_qat(model, inplace=True)
+        self.prepared = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch >= self.freeze_observer_epoch:
+            pl_module.model.apply(disable_observer)
+        if epoch >= self.freeze_bn_epoch:
+            pl_module.model.apply(nniqat.freeze_bn_stats)
+
+    def state_dict(self) -> dict:
+        return {"freeze_observer_epoch": self.freeze_observer_epoch,
+                "freeze_bn_epoch": self.freeze_bn_epoch}
+
+
+def fake_quant_scales(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The scale each FakeQuantize module used in its last forward, by module name."""
+    from torch.ao.quantization import FakeQuantize
+
+    return {name: m.scale.detach().clone() for name, m in model.named_modules()
+            if isinstance(m, FakeQuantize)}

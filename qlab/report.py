@@ -1,0 +1,140 @@
+"""Compare FP32 / PTQ / QAT: one table, latency re-measured side by side, one figure."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from qlab import artifacts
+from qlab.bench import measure_latency
+
+log = logging.getLogger(__name__)
+STAGES = ("fp32", "ptq", "qat")
+MODEL_FILE = {"fp32": "model_fp32.pt", "ptq": "model_int8.pt", "qat": "model_int8.pt"}
+HEADER = ("Model", "Size (MB)", "Compression", "Accuracy (%)", "Loss", "Accuracy drop (pt)",
+          "Latency (ms)", "Speedup")
+
+
+def _load_scripted(path: Path) -> torch.jit.ScriptModule:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return artifacts.freeze(torch.jit.load(str(path), map_location="cpu"))
+
+
+def remeasure_latency(run: Path, found: dict[str, dict], cfg: DictConfig) -> dict[str, dict]:
+    """Every exported model in this one process, same threads, same input, same runs."""
+    out = {}
+    for stage in found:
+        path = run / stage / MODEL_FILE[stage]
+        if path.is_file():
+            out[stage] = measure_latency(_load_scripted(path), runs=cfg.bench.runs,
+                                         warmup=cfg.bench.warmup, threads=cfg.bench.threads)
+    return out
+
+
+def build_rows(found: dict[str, dict], latency: dict[str, dict]) -> list[dict]:
+    """One row per stage; a missing stage is a row that says so, never a made-up number."""
+    base = found.get("fp32")
+    rows = []
+    for stage in STAGES:
+        m = found.get(stage)
+        if m is None:
+            rows.append({"model": stage.upper(), "missing": True})
+            continue
+        lat = latency.get(stage, m.get("latency", {})).get("median_ms")
+        row = {"model": stage.upper(), "missing": False, "size_mb": m["size_mb"],
+               "accuracy": m["accuracy"], "loss": m["loss"], "latency_ms": lat,
+               "latency_p90_ms": latency.get(stage, {}).get("p90_ms"),
+               "num_test_images": m["num_test_images"], "backend": m.get("backend")}
+        if base is not None:
+            row["compression"] = base["size_mb"] / m["size_mb"]
+            row["accuracy_drop"] = base["accuracy"] - m["accuracy"]
+            base_lat = latency.get("fp32", {}).get("median_ms")
+            row["speedup"] = base_lat / lat if base_lat and lat else None
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The comparison as a Markdown table."""
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in rows:
+        if r["missing"]:
+            lines.append(f"| {r['model']} | " + " | ".join(["missing"] * (len(HEADER) - 1)) + " |")
+            continue
+        lines.append("| " + " | ".join([
+            r["model"], f(r["size_mb"], ".2f"), f(r.get("compression"), ".2f") + "x",
+            f(r["accuracy"], ".2f"), f(r["loss"], ".4f"), f(r.get("accuracy_drop"), "+.2f"),
+            f(r["latency_ms"], ".3f"), f(r.get("speedup"), ".2f") + "x"]) + " |")
+    return "\n".join(lines)
+
+
+def save_figure(path: Path, run: Path, found: dict[str, dict]) -> Path:
+    """Curves (FP32, QAT) on top, the three confusion matrices below, in one PNG."""
+    plt = artifacts.plt
+    fig, axes = plt.subplots(2, 4, figsize=(22, 10))
+    for col, stage in ((0, "fp32"), (2, "qat")):
+        series = artifacts.read_epoch_metrics(run / stage / "csv" / "metrics.csv")
+        if series:
+            artifacts.plot_curves(axes[0, col], axes[0, col + 1], series, stage.upper())
+        else:
+            for ax in axes[0, col:col + 2]:
+                ax.text(0.5, 0.5, f"{stage.upper()}: no curves", ha="center", va="center")
+    for col, stage in enumerate(STAGES):
+        ax, m = axes[1, col], found.get(stage)
+        if m and m.get("confusion_matrix"):
+            artifacts.plot_confusion(ax, torch.tensor(m["confusion_matrix"]), m["classes"],
+                                     f"{stage.upper()} ({m['accuracy']:.2f}%)")
+        else:
+            ax.text(0.5, 0.5, f"{stage.upper()}: missing", ha="center", va="center")
+            ax.set_axis_off()
+    axes[1, 3].set_axis_off()
+    fig.tight_layout()
+    return artifacts._save_fig(fig, path)
+
+
+def run_report(cfg: DictConfig) -> dict:
+    """Read outputs/<name>/{fp32,ptq,qat}/metrics.json; write report.md, report.json, report.png."""
+    run = Path(cfg.outputs_dir) / cfg.name
+    found = {}
+    for stage in STAGES:
+        p = run / stage / "metrics.json"
+        if p.is_file():
+            found[stage] = json.loads(p.read_text())
+    if not found:
+        from qlab.errors import QlabError
+
+        raise QlabError(f"Nothing to report under {run}: run `python train.py stage=fp32 "
+                        f"name={cfg.name}` (then quantize.py stage=ptq, train.py stage=qat) first.")
+    from qlab.quant.qconfig import set_backend
+
+    set_backend(cfg.quant.backend)  # INT8 weights are repacked for this engine when loaded
+    latency = remeasure_latency(run, found, cfg)
+    rows = build_rows(found, latency)
+    table = markdown_table(rows)
+    missing = [s for s in STAGES if s not in found]
+    text = "\n".join([
+        f"# qlab report: {cfg.name}", "",
+        f"{next(iter(found.values()))['num_test_images']} test images; latency: one 3x32x32 image, "
+        f"median of {cfg.bench.runs} runs, all models in one process, "
+        f"{torch.get_num_threads() if not cfg.bench.threads else cfg.bench.threads} threads, "
+        f"TorchScript frozen; INT8 engine {cfg.quant.backend}.", "",
+        table, "",
+        *(f"Missing: {', '.join(missing)} (not run yet).", "") if missing else (),
+        "![curves and confusion matrices](report.png)", ""])
+    artifacts.atomic_write(run / "report.md", lambda tmp: tmp.write_text(text))
+    save_figure(run / "report.png", run, found)
+    report = {"name": cfg.name, "rows": rows, "missing": missing, "latency": latency,
+              "threads": cfg.bench.threads or torch.get_num_threads()}
+    artifacts.write_json(run / "report.json", report)
+    print(table)
+    return report

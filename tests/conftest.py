@@ -1,0 +1,47 @@
+"""Shared helpers: run the real entry points in a subprocess, write tiny datasets to tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small and fast: the real ResNet-50 with the cheap imagenet stem, a few synthetic images, CPU.
+TINY = [
+    "data=synthetic", "data.num_train=96", "data.num_test=64", "data.batch_size=32",
+    "data.eval_batch_size=64", "model.stem=imagenet", "trainer.max_epochs=1",
+    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "bench.runs=5",
+    "bench.warmup=1", "optimizer.lr=0.05", "scheduler=cosine",
+]
+
+
+def run_cli(script: str, *overrides: str, outputs: Path, check: bool = True,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """python SCRIPT overrides... with outputs under `outputs`; returns the finished process."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="0")
+    env.pop("LOCAL_RANK", None)
+    flags = [o for o in overrides if o.startswith("-")]
+    # later overrides win, like on a command line, but Hydra refuses a key given twice
+    merged = {o.split("=", 1)[0]: o for o in overrides if not o.startswith("-")}
+    cmd = [sys.executable, str(ROOT / script), *flags, f"outputs_dir={outputs}", *merged.values()]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(autouse=True)
+def _cpu_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield

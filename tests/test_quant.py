@@ -1,0 +1,143 @@
+import copy
+
+import pytest
+import torch
+from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize, convert
+
+from qlab.checkpoint import load_fp32_weights, read_state_dict
+from qlab.errors import QlabError
+from qlab.models import build_resnet50
+from qlab.quant.observer import _Po2Mixin
+from qlab.quant.ptq import calibrate, prepare_ptq, require_cpu
+from qlab.quant.qat import QATCallback, fake_quant_scales
+from qlab.quant.qconfig import build_qconfig, set_backend
+from qlab.quant.scales import is_power_of_two, scale_table, summarize
+
+MEAN, STD = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
+
+
+def loader(n=16, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return list(zip(x.split(batch), torch.randint(0, 10, (n,), generator=g).split(batch)))
+
+
+def quantized_scales(int8: torch.nn.Module) -> list[torch.Tensor]:
+    scales = []
+    for m in int8.modules():
+        if hasattr(m, "scale") and isinstance(getattr(m, "scale"), float):
+            scales.append(torch.tensor([m.scale]))
+        w = getattr(m, "weight", None)
+        if callable(w):
+            w = w()
+            if w.is_quantized:
+                scales.append(w.q_per_channel_scales() if w.qscheme() in (
+                    torch.per_channel_affine, torch.per_channel_symmetric) else torch.tensor([w.q_scale()]))
+    return scales
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ptq_makes_every_int8_scale_a_power_of_two(per_channel):
+    set_backend("x86")
+    torch.manual_seed(0)
+    model = build_resnet50(stem="imagenet").eval()
+    fp32 = copy.deepcopy(model)
+    prepared = prepare_ptq(model, build_qconfig(per_channel=per_channel))
+    assert calibrate(prepared, loader(), batches=2, mean=MEAN, std=STD) == 16
+    table = scale_table(prepared)
+    int8 = convert(copy.deepcopy(prepared))
+    scales = quantized_scales(int8)
+    assert len(scales) > 100  # every conv/linear output and weight, the stubs and adds
+    assert all(is_power_of_two(s) for s in scales)
+    assert all(-8 <= e <= 8 for s in scales for e in s.log2().tolist())
+    # the table lists the same exponents the INT8 weights carry
+    fc_row = next(r for r in table if r["layer"] == "fc" and r["tensor"] == "weight")
+    assert int8.fc.weight().q_scale() == 2.0 ** fc_row["exp_max"] if not per_channel else True
+    s = summarize(table)
+    assert s["weight"]["scales"] == (26_570 if per_channel else 54)  # 53 convs + fc
+    # the INT8 model still computes roughly what the FP32 one does
+    x = (torch.rand(4, 3, 32, 32) - 0.45) / 0.2
+    with torch.no_grad():
+        a, b = fp32(x), int8(x)
+    assert torch.isfinite(b).all() and b.shape == a.shape
+
+
+def test_calibration_needs_batches():
+    prepared = prepare_ptq(build_resnet50(stem="imagenet"), build_qconfig())
+    with pytest.raises(QlabError, match="at least one batch"):
+        calibrate(prepared, loader(), batches=0, mean=MEAN, std=STD)
+    with pytest.raises(QlabError, match="no images"):
+        calibrate(prepared, [], batches=4, mean=MEAN, std=STD)
+
+
+def test_quantized_models_refuse_cuda():
+    with pytest.raises(QlabError, match="CPU only"):
+        require_cpu("cuda")
+    require_cpu("cpu")
+
+
+def test_qat_runs_the_po2_observer_inside_fake_quant():
+    set_backend("x86")
+    torch.manual_seed(0)
+    model = build_resnet50(stem="imagenet")
+    cb = QATCallback(qconfig=build_qconfig(qat=True, per_channel=True), fp32_weights=None,
+                     freeze_observer_epoch=1, freeze_bn_epoch=1)
+    lit = type("Lit", (), {"model": model})()
+    cb.setup(None, lit, "fit")
+    fqs = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+    assert fqs and not any(isinstance(m, FusedMovingAvgObsFakeQuantize) for m in model.modules())
+    assert all(isinstance(m.activation_post_process, _Po2Mixin) for m in fqs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for x, y in loader(n=16, batch=8):
+        loss = torch.nn.functional.cross_entropy(model((x.float() / 255 - 0.5) / 0.25), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    scales = fake_quant_scales(model)
+    assert len(scales) == len(fqs)
+    for name, s in scales.items():
+        assert is_power_of_two(s), (name, s)
+        assert s.log2().abs().max() <= 8
+    # frozen on schedule: observers off, BN statistics frozen
+    trainer = type("T", (), {"current_epoch": 1})()
+    cb.on_train_epoch_start(trainer, lit)
+    assert all(not bool(m.observer_enabled) for m in fqs)
+    assert all(m.freeze_bn for m in model.modules() if hasattr(m, "freeze_bn"))
+    int8 = convert(copy.deepcopy(model).eval())
+    assert all(is_power_of_two(s) for s in quantized_scales(int8))
+
+
+def test_weights_load_through_prefixes_and_bad_files_are_explained(tmp_path):
+    model = build_resnet50(stem="imagenet")
+    sd = model.state_dict()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "l.ckpt")
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pt")
+    for f in ("l.ckpt", "ddp.pt"):
+        fresh = build_resnet50(stem="imagenet")
+        load_fp32_weights(fresh, tmp_path / f)
+        assert torch.equal(fresh.fc.weight, model.fc.weight)
+    with pytest.raises(QlabError, match="trained for 10 classes, but this run has 5"):
+        load_fp32_weights(build_resnet50(stem="imagenet", num_classes=5), tmp_path / "ddp.pt")
+    with pytest.raises(QlabError, match="another architecture"):
+        load_fp32_weights(build_resnet50(stem="cifar"), tmp_path / "ddp.pt")
+    blob = (tmp_path / "ddp.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(QlabError, match="truncated or corrupt"):
+        read_state_dict(tmp_path / "cut.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(QlabError, match="truncated or corrupt"):
+        read_state_dict(tmp_path / "junk.pt")
+    with pytest.raises(QlabError, match="does not exist"):
+        read_state_dict(tmp_path / "none.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(QlabError, match="holds no state_dict"):
+        read_state_dict(tmp_path / "list.pt")
+
+
+def test_torch_qconfig_and_unknown_options():
+    q = build_qconfig(kind="torch", backend="x86")
+    assert "HistogramObserver" in repr(q.activation())
+    with pytest.raises(QlabError, match="quant=po2 or quant=torch"):
+        build_qconfig(kind="lsq")
+    with pytest.raises(QlabError, match="not available"):
+        set_backend("tpu")

@@ -1,0 +1,93 @@
+"""The FP32 stage through the real `train.py` + Hydra, on tiny synthetic data."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import TINY, read_metrics, run_cli
+
+
+def test_fp32_stage_writes_every_output_and_resumes(tmp_path):
+    run_cli("train.py", "stage=fp32", "name=t", *TINY, outputs=tmp_path)
+    out = tmp_path / "t" / "fp32"
+    for f in ("metrics.json", "model_fp32.pt", "model_fp32_state_dict.pt", "curves.png",
+              "confusion_matrix.png", "csv/metrics.csv", "checkpoints/last.ckpt",
+              ".hydra/config.yaml"):
+        assert (out / f).is_file(), f
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "checkpoints").glob("best-epoch000-acc*.ckpt"))
+    m = read_metrics(out / "metrics.json")
+    assert m["stage"] == "fp32" and m["num_test_images"] == 64 and m["world_size"] == 1
+    assert 0.0 <= m["accuracy"] <= 100.0 and m["loss"] > 0
+    assert 94.3 < m["size_mb"] < 94.6 and m["latency"]["median_ms"] > 0
+    assert m["train_samples_per_rank"] == [96]  # 3 full batches of 32
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= set(
+        header.split(","))
+
+    # the exported file needs nothing of qlab: [0,1] images in, logits out, equal to the weights
+    scripted = torch.jit.load(str(out / "model_fp32.pt"))
+    from qlab.models import build_resnet50
+
+    model = build_resnet50(stem="imagenet").eval()
+    model.load_state_dict(torch.load(out / "model_fp32_state_dict.pt", weights_only=True))
+    x = torch.rand(3, 3, 32, 32)
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2023, 0.1994, 0.2010])
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)))
+
+    # running again without resume must not clobber the run
+    proc = run_cli("train.py", "stage=fp32", "name=t", *TINY, outputs=tmp_path, check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "resume=true" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    # resume continues from last.ckpt: one more epoch, not a fresh start
+    run_cli("train.py", "stage=fp32", "name=t", "resume=true", *TINY, "trainer.max_epochs=2",
+            outputs=tmp_path)
+    m2 = read_metrics(out / "metrics.json")
+    assert m2["epochs"] == 2 and m2["train_samples_per_rank"] == [96]  # only the new epoch ran
+    rows = (out / "csv" / "metrics.csv").read_text()
+    assert rows.count("\n1,") + rows.count(",1,") >= 1
+
+
+def test_sweep_jobs_get_their_own_folders(tmp_path):
+    run_cli("train.py", "-m", "stage=fp32", "name=sw", *TINY, "data.num_train=64",
+            "optimizer.lr=0.01,0.02", outputs=tmp_path)
+    found = sorted((tmp_path / "sw" / "multirun").glob("*/*/fp32/metrics.json"))
+    assert len(found) == 2
+    lrs = sorted(OmegaConf.load(p.parent / ".hydra" / "config.yaml").optimizer.lr for p in found)
+    assert lrs == [0.01, 0.02]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stage=nope", "Could not find 'stage/nope'"),
+    ("data=imagenet", "Could not find 'data/imagenet'"),
+    ("stage=ptq", "quantize.py stage=ptq"),
+    ("optimizer.lr=-0.5", "must be positive"),
+    ("module.mixup_prob=2", "must be a probability"),
+    ("data=folder", "data.root"),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, override, message):
+    proc = run_cli("train.py", *TINY, override, outputs=tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_folder_data_with_missing_dir(tmp_path):
+    proc = run_cli("train.py", *TINY, "data=folder", f"data.root={tmp_path}/none",
+                   outputs=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 2 and "needs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_on_cpu(tmp_path):
+    run_cli("train.py", "stage=fp32", "name=ddp", *TINY, "trainer=ddp", "trainer.devices=2",
+            "trainer.accelerator=cpu", "data.num_train=128", "data.batch_size=32", outputs=tmp_path)
+    out = tmp_path / "ddp" / "fp32"
+    m = read_metrics(out / "metrics.json")
+    assert m["world_size"] == 2
+    # global batch 32 split 16 per rank; each rank trained on its half of the 128 images
+    assert m["train_samples_per_rank"] == [64, 64]
+    assert (out / "model_fp32.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert not list(tmp_path.glob("ddp/fp32/**/*rank1*"))
