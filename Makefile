@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)  ## FP32 -> PTQ -> QAT -> report on the offline synthetic data (outputs/demo/)
 	$(PY) train.py stage=fp32 experiment=demo name=demo overwrite=true
+	$(PY) quantize.py stage=ptq experiment=demo name=demo
+	$(PY) train.py stage=qat experiment=demo name=demo overwrite=true
+	$(PY) quantize.py stage=report experiment=demo name=demo
 
 test: $(STAMP)  ## fast tests, then the 2-process DDP tests
 	$(PY) -m pytest -q
@@ -25,6 +28,12 @@ test-realdata: $(STAMP)  ## needs ../shared/data/cifar10-jpeg.tar.gz
 	$(PY) -m pytest -q -m realdata
 
 test-all: test test-slow test-realdata
+
+bench: $(STAMP)  ## speed tables (benchmarks/results/*.json); QUICK=1 for fewer runs
+	$(PY) benchmarks/inference.py $(if $(QUICK),--runs 100 --batch-iters 1,)
+	$(PY) benchmarks/train.py $(if $(QUICK),--steps 3,)
+	$(PY) benchmarks/augment.py $(if $(QUICK),--images 1024,)
+	$(PY) benchmarks/ptq_cost.py $(if $(QUICK),--calib-batches 4,)
 
 lint: $(STAMP)
 	$(PY) -m ruff check qlab tests benchmarks train.py quantize.py

@@ -10,10 +10,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import matplotlib
 import torch
 from torch import Tensor
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

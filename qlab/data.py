@@ -24,7 +24,7 @@ def synthetic_split(
 ) -> Split:
     """Learnable offline images: one smooth colour pattern per class, shifted, rescaled, noised."""
     g = torch.Generator().manual_seed(seed)  # templates depend on seed only: same for every split
-    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    coarse = 0.15 + 0.7 * (torch.rand(num_classes, 3, 4, 4, generator=g) > 0.5).float()
     templates = torch.nn.functional.interpolate(coarse, size=image_size, mode="bicubic")
     g_split = torch.Generator().manual_seed(seed + (1 if split == "train" else 2))
     labels = torch.randint(num_classes, (num_images,), generator=g_split)

@@ -12,14 +12,16 @@ STEMS = ("cifar", "imagenet")
 
 
 def build_resnet50(
-    *, num_classes: int = 10, stem: str = "cifar", maxpool: bool = True
+    *, num_classes: int = 10, stem: str = "cifar", maxpool: bool = True,
+    zero_init_residual: bool = False,
 ) -> QuantizableResNet:
     """ResNet-50 with QuantStub/DeQuantStub, FloatFunctional add_relu and `fuse_model(is_qat)`."""
     if stem not in STEMS:
         raise ValueError(f"model.stem={stem!r} is not known; use one of {', '.join(STEMS)}.")
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes} must be at least 2.")
-    model = QuantizableResNet(QuantizableBottleneck, [3, 4, 6, 3], num_classes=num_classes)
+    model = QuantizableResNet(QuantizableBottleneck, [3, 4, 6, 3], num_classes=num_classes,
+                              zero_init_residual=zero_init_residual)
     if stem == "cifar":
         # 32x32 inputs: a 7x7 stride-2 stem would throw away 3/4 of the pixels before layer1,
         # so CIFAR models use a 3x3 stride-1 conv. It keeps the name conv1, so fuse_model's

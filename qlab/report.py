@@ -30,8 +30,8 @@ def _load_scripted(path: Path) -> torch.jit.ScriptModule:
 def remeasure_latency(run: Path, found: dict[str, dict], cfg: DictConfig) -> dict[str, dict]:
     """Every exported model in this one process, same threads, same input, same runs."""
     out = {}
-    for stage in found:
-        path = run / stage / MODEL_FILE[stage]
+    for stage, m in found.items():
+        path = run / stage / MODEL_FILE[m["stage"]]
         if path.is_file():
             out[stage] = measure_latency(_load_scripted(path), runs=cfg.bench.runs,
                                          warmup=cfg.bench.warmup, threads=cfg.bench.threads)
@@ -42,7 +42,7 @@ def build_rows(found: dict[str, dict], latency: dict[str, dict]) -> list[dict]:
     """One row per stage; a missing stage is a row that says so, never a made-up number."""
     base = found.get("fp32")
     rows = []
-    for stage in STAGES:
+    for stage in [*STAGES, *(s for s in found if s not in STAGES)]:
         m = found.get(stage)
         if m is None:
             rows.append({"model": stage.upper(), "missing": True})
@@ -106,10 +106,12 @@ def run_report(cfg: DictConfig) -> dict:
     """Read outputs/<name>/{fp32,ptq,qat}/metrics.json; write report.md, report.json, report.png."""
     run = Path(cfg.outputs_dir) / cfg.name
     found = {}
-    for stage in STAGES:
-        p = run / stage / "metrics.json"
-        if p.is_file():
-            found[stage] = json.loads(p.read_text())
+    # fp32, ptq, qat first, then tagged variants (ptq-torch, qat-ceil, ...) in name order
+    dirs = [run / s for s in STAGES] + sorted(
+        d for d in run.glob("*") if d.is_dir() and d.name not in STAGES and d.name.startswith(STAGES))
+    for d in dirs:
+        if (d / "metrics.json").is_file():
+            found[d.name] = json.loads((d / "metrics.json").read_text())
     if not found:
         from qlab.errors import QlabError
 
@@ -122,6 +124,8 @@ def run_report(cfg: DictConfig) -> dict:
     rows = build_rows(found, latency)
     table = markdown_table(rows)
     missing = [s for s in STAGES if s not in found]
+    if "fp32" not in found:
+        log.warning("No FP32 run under %s: compression, accuracy drop and speedup are n/a.", run)
     text = "\n".join([
         f"# qlab report: {cfg.name}", "",
         f"{next(iter(found.values()))['num_test_images']} test images; latency: one 3x32x32 image, "
@@ -129,7 +133,7 @@ def run_report(cfg: DictConfig) -> dict:
         f"{torch.get_num_threads() if not cfg.bench.threads else cfg.bench.threads} threads, "
         f"TorchScript frozen; INT8 engine {cfg.quant.backend}.", "",
         table, "",
-        *(f"Missing: {', '.join(missing)} (not run yet).", "") if missing else (),
+        *((f"Missing: {', '.join(missing)} (not run yet).", "") if missing else ()),
         "![curves and confusion matrices](report.png)", ""])
     artifacts.atomic_write(run / "report.md", lambda tmp: tmp.write_text(text))
     save_figure(run / "report.png", run, found)

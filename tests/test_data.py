@@ -21,7 +21,8 @@ def write_folder(root, counts=(4, 3), classes=CLASSES, size=32, suffix=".png"):
             d = root / split / name
             d.mkdir(parents=True)
             for i in range(n):
-                arr = np.full((size, size, 3), 40 * c, np.uint8) + rng.integers(0, 20, (size, size, 3), dtype=np.uint8)
+                noise = rng.integers(0, 20, (size, size, 3), dtype=np.uint8)
+                arr = np.full((size, size, 3), 40 * c, np.uint8) + noise
                 Image.fromarray(arr).save(d / f"{i}{suffix}")
     return root
 
@@ -89,8 +90,9 @@ def write_cifar(root, monkeypatch, n_train=10, n_test=6):
     (base / "batches.meta").write_bytes(pickle.dumps(meta))
     monkeypatch.setattr(CIFAR10, "train_list", [[n, md5[n]] for n in names[:5]])
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    meta_md5 = hashlib.md5((base / "batches.meta").read_bytes()).hexdigest()
     monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
-                                          "md5": hashlib.md5((base / "batches.meta").read_bytes()).hexdigest()})
+                                          "md5": meta_md5})
     return base
 
 

@@ -25,7 +25,7 @@ def loader(n=16, batch=8, seed=0):
 def quantized_scales(int8: torch.nn.Module) -> list[torch.Tensor]:
     scales = []
     for m in int8.modules():
-        if hasattr(m, "scale") and isinstance(getattr(m, "scale"), float):
+        if hasattr(m, "scale") and isinstance(m.scale, float):
             scales.append(torch.tensor([m.scale]))
         w = getattr(m, "weight", None)
         if callable(w):

@@ -1,0 +1,125 @@
+"""FP32 vs PTQ-INT8 vs QAT-INT8 ResNet-50 on CPU: latency (1 image) and throughput (batch 256).
+
+python benchmarks/inference.py [--runs 1000] [--batch-iters 3] [--stems cifar,imagenet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+
+import torch
+from torch.ao.quantization import convert
+
+from qlab.artifacts import freeze
+from qlab.bench import measure_latency
+from qlab.models import build_resnet50
+from qlab.quant.ptq import calibrate, prepare_ptq
+from qlab.quant.qat import QATCallback
+from qlab.quant.qconfig import build_qconfig, set_backend
+
+from common import print_table, save
+
+warnings.filterwarnings("ignore")
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def throughput(fn, batch: int, iters: int) -> float:
+    """Images/s of fn on a [batch, 3, 32, 32] input, after one warm-up call."""
+    x = torch.rand(batch, 3, 32, 32)
+    with torch.inference_mode():
+        fn(x)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn(x)
+    return batch * iters / (time.perf_counter() - t0)
+
+
+def int8_models(stem: str, engine: str, fp32: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """PTQ (calibrated on random images) and QAT (one fake-quant step) INT8 copies for `engine`."""
+    set_backend(engine)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g), None)
+               for _ in range(4)]
+    ptq = prepare_ptq(copy.deepcopy(fp32), build_qconfig(backend=engine))
+    calibrate(ptq, batches, batches=4, mean=MEAN, std=STD)
+    qat_model = copy.deepcopy(fp32)
+    QATCallback(qconfig=build_qconfig(backend=engine, qat=True), fp32_weights=None,
+                freeze_observer_epoch=9, freeze_bn_epoch=9).setup(None, type("M", (), {
+                    "model": qat_model})(), "fit")
+    qat_model(torch.randn(32, 3, 32, 32))  # one observed step sets the fake-quant scales
+    return {"ptq": convert(ptq.eval()), "qat": convert(qat_model.eval())}
+
+
+def script_frozen(model: torch.nn.Module) -> torch.jit.ScriptModule:
+    return freeze(torch.jit.script(model.eval()))
+
+
+def bench_stem(stem: str, args, rows: list, results: list) -> None:
+    torch.manual_seed(0)
+    fp32 = build_resnet50(stem=stem).eval()
+    lat = {"runs": args.runs, "warmup": args.warmup}
+
+    def record(model_name, form, engine, fn, ref=None):
+        latency = measure_latency(fn, **lat)
+        ips = throughput(fn, args.batch, args.batch_iters)
+        same = None
+        if ref is not None:
+            x = torch.rand(8, 3, 32, 32)
+            with torch.inference_mode():
+                same = bool(torch.equal(fn(x), ref(x)))
+        r = {"stem": stem, "model": model_name, "form": form, "engine": engine,
+             "median_ms": latency["median_ms"], "p90_ms": latency["p90_ms"],
+             "batch_images_per_s": ips, "equals_eager": same}
+        results.append(r)
+        print(f"  {stem:8s} {model_name:5s} {engine:7s} {form:18s} "
+              f"{latency['median_ms']:7.3f} ms  {ips:8.1f} img/s", flush=True)
+
+    def bf16(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fp32(x)
+
+    record("fp32", "eager", "-", fp32)
+    record("fp32", "torchscript-frozen", "-", script_frozen(copy.deepcopy(fp32)))
+    record("fp32", "eager-bf16-autocast", "-", bf16)
+    for engine in args.engines:
+        models = int8_models(stem, engine, fp32)
+        for name, int8 in models.items():
+            if name == "qat" and not args.qat_all_forms and engine != args.engines[0]:
+                continue
+            record(name, "eager", engine, int8)
+            record(name, "torchscript-frozen", engine, script_frozen(copy.deepcopy(int8)), ref=int8)
+    best_fp32 = min(r["median_ms"] for r in results if r["stem"] == stem and r["model"] == "fp32")
+    for r in results:
+        if r["stem"] == stem:
+            r["speedup_vs_best_fp32"] = best_fp32 / r["median_ms"]
+            rows.append([r["stem"], r["model"], r["engine"], r["form"], r["median_ms"], r["p90_ms"],
+                         r["batch_images_per_s"], f"{r['speedup_vs_best_fp32']:.2f}x",
+                         "" if r["equals_eager"] is None else r["equals_eager"]])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--runs", type=int, default=1000, help="latency runs per model (1 image)")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch-iters", type=int, default=3)
+    p.add_argument("--stems", default="cifar,imagenet")
+    p.add_argument("--engines", default="x86,fbgemm,onednn")
+    p.add_argument("--qat-all-forms", action="store_true", help="QAT on every engine, not just the first")
+    args = p.parse_args()
+    args.engines = [e for e in args.engines.split(",") if e in torch.backends.quantized.supported_engines]
+    rows, results = [], []
+    for stem in args.stems.split(","):
+        bench_stem(stem, args, rows, results)
+    print_table(f"Inference, {torch.get_num_threads()} threads (latency: median/p90 over {args.runs} "
+                f"runs of one 3x32x32 image; throughput: batch {args.batch})",
+                ["stem", "model", "engine", "form", "median ms", "p90 ms", "img/s", "speedup",
+                 "= eager"], rows)
+    save("inference", {"args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""fp32 -> ptq -> qat -> report through the real entry points, on tiny synthetic data."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, read_metrics, run_cli
+
+QUICK = [*TINY, "quant.calib_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
+    run_cli("train.py", "stage=fp32", "name=q", *TINY, outputs=outputs)
+    return outputs
+
+
+def test_ptq_qat_report(fp32_run):
+    run_cli("quantize.py", "stage=ptq", "name=q", *QUICK, outputs=fp32_run)
+    ptq = fp32_run / "q" / "ptq"
+    for f in ("metrics.json", "model_int8.pt", "model_int8_state_dict.pt", "confusion_matrix.png",
+              "scales.csv", "scales.md"):
+        assert (ptq / f).is_file(), f
+    m = read_metrics(ptq / "metrics.json")
+    assert m["stage"] == "ptq" and m["backend"] == "x86" and m["calib_images"] == 64
+    assert 23.5 < m["size_mb"] < 24.3  # INT8 ResNet-50: about a quarter of 94.4 MB
+    assert m["scales"]["weight"]["scales"] == 54 and m["quant"]["kind"] == "po2"
+    # the exported INT8 file loads with plain torch.jit.load and reproduces metrics.json
+    scripted = torch.jit.load(str(ptq / "model_int8.pt"))
+    from qlab.data import synthetic_split
+
+    x, y = synthetic_split(num_images=64, num_classes=10, image_size=32, noise=0.1, seed=42,
+                           split="test")
+    with torch.no_grad():
+        acc = 100.0 * (scripted(x.float() / 255).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(m["accuracy"])
+
+    run_cli("train.py", "stage=qat", "name=q", *QUICK, outputs=fp32_run)
+    qat = fp32_run / "q" / "qat"
+    mq = read_metrics(qat / "metrics.json")
+    assert (qat / "curves.png").is_file() and (qat / "model_int8.pt").is_file()
+    assert mq["stage"] == "qat" and 23.5 < mq["size_mb"] < 24.3
+    assert "fake_quant_accuracy" in mq and mq["epochs"] == 1
+    cfg = (qat / ".hydra" / "config.yaml").read_text()
+    assert "precision: 32" in cfg
+
+    # a tagged variant lands beside ptq/ without replacing it, and the report lists it too
+    run_cli("quantize.py", "stage=ptq", "name=q", "quant=torch", "tag=-torch", *QUICK,
+            outputs=fp32_run)
+    mt = read_metrics(fp32_run / "q" / "ptq-torch" / "metrics.json")
+    assert mt["quant"]["kind"] == "torch" and read_metrics(ptq / "metrics.json")["quant"]["kind"] == "po2"
+
+    proc = run_cli("quantize.py", "stage=report", "name=q", *QUICK, outputs=fp32_run)
+    report = json.loads((fp32_run / "q" / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == ["FP32", "PTQ", "QAT", "PTQ-TORCH"]
+    assert not report["missing"]
+    fp32_row, ptq_row = report["rows"][0], report["rows"][1]
+    assert fp32_row["speedup"] == pytest.approx(1.0) and ptq_row["compression"] > 3.8
+    assert ptq_row["accuracy_drop"] == pytest.approx(fp32_row["accuracy"] - ptq_row["accuracy"])
+    assert "| Model | Size (MB) | Compression | Accuracy (%) | Loss |" in proc.stdout
+    assert (fp32_run / "q" / "report.png").is_file() and (fp32_run / "q" / "report.md").is_file()
+
+
+def test_report_marks_missing_stages(tmp_path):
+    run_cli("train.py", "stage=fp32", "name=only", *TINY, outputs=tmp_path)
+    proc = run_cli("quantize.py", "stage=report", "name=only", *QUICK, outputs=tmp_path)
+    report = json.loads((tmp_path / "only" / "report.json").read_text())
+    assert report["missing"] == ["ptq", "qat"]
+    assert "| PTQ | missing |" in proc.stdout
+
+
+@pytest.mark.parametrize("script,stage", [("quantize.py", "ptq"), ("train.py", "qat")])
+def test_quantizing_without_an_fp32_run_says_how_to_make_one(tmp_path, script, stage):
+    proc = run_cli(script, f"stage={stage}", "name=ghost", *QUICK, outputs=tmp_path, check=False,
+                   timeout=180)
+    assert proc.returncode == 2
+    assert "python train.py stage=fp32 name=ghost" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ptq_bad_inputs(tmp_path):
+    (tmp_path / "cut.pt").write_bytes(b"\x80\x02garbage")
+    proc = run_cli("quantize.py", "stage=ptq", "name=x", f"fp32_ckpt={tmp_path}/cut.pt", *QUICK,
+                   outputs=tmp_path, check=False, timeout=180)
+    assert proc.returncode == 2 and "corrupt" in proc.stderr
+    from qlab.models import build_resnet50
+
+    torch.save(build_resnet50(num_classes=4, stem="imagenet").state_dict(), tmp_path / "four.pt")
+    proc = run_cli("quantize.py", "stage=ptq", "name=x", f"fp32_ckpt={tmp_path}/four.pt", *QUICK,
+                   outputs=tmp_path, check=False, timeout=180)
+    assert proc.returncode == 2 and "trained for 4 classes" in proc.stderr
+    torch.save(build_resnet50(stem="imagenet").state_dict(), tmp_path / "ok.pt")
+    for bad, msg in (("quant.calib_batches=0", "at least one batch"),
+                     ("quant.device=cuda", "CPU only"), ("quant.backend=tpu", "not available")):
+        proc = run_cli("quantize.py", "stage=ptq", "name=x", f"fp32_ckpt={tmp_path}/ok.pt", *QUICK,
+                       bad, outputs=tmp_path, check=False, timeout=180)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-1500:]
