@@ -17,9 +17,9 @@ demo: $(STAMP)  ## FP32 -> PTQ -> QAT -> report on the offline synthetic data (o
 	$(PY) train.py stage=qat experiment=demo name=demo overwrite=true
 	$(PY) quantize.py stage=report experiment=demo name=demo
 
-test: $(STAMP)  ## fast tests, then the 2-process DDP tests
+test: $(STAMP)  ## fast tests, then the 2-process DDP tests, the slow ones and the real-image ones
 	$(PY) -m pytest -q
-	$(PY) -m pytest -q -m ddp
+	$(PY) -m pytest -q -m "ddp or slow or realdata"
 
 test-slow: $(STAMP)  ## minutes: the full stage flow with the default model
 	$(PY) -m pytest -q -m slow

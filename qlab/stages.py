@@ -131,6 +131,8 @@ def base_metrics(cfg: DictConfig, stage: str, dm: ImageDataModule, out: Path) ->
         "name": cfg.name,
         "num_test_images": int(len(dm.splits["test"][1])),
         "classes": list(dm.classes),
+        "mean": list(dm.mean),
+        "std": list(dm.std),
         "config_path": str((out / ".hydra" / "config.yaml").resolve()),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data_source": dm.source,

@@ -1,0 +1,50 @@
+"""Real CIFAR-10 images from ../shared/data (JPEG, 45,000 train / 5,000 test); skipped without them."""
+
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics, run_cli
+
+TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.skipif(not TARBALL.is_file(), reason=f"{TARBALL} is not here"),
+]
+
+
+@pytest.fixture(scope="module")
+def jpeg_root(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cifar10-jpeg")
+    with tarfile.open(TARBALL) as tar:
+        tar.extractall(out, filter="data")
+    return next(p.parent for p in out.rglob("train") if (p.parent / "test").is_dir())
+
+
+def test_folder_reads_the_real_images(jpeg_root):
+    from qlab.data import ImageDataModule
+
+    dm = ImageDataModule(source="folder", root=str(jpeg_root),
+                         classes=["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                  "horse", "ship", "truck"])
+    dm.setup()
+    x, y = dm.splits["train"]
+    assert x.shape == (45_000, 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.bincount(y).tolist() == [4500] * 10
+    assert dm.splits["test"][0].shape[0] == 5000
+    assert 80 < x.float().mean() < 160  # real photos, not blank decodes
+
+
+def test_fp32_then_ptq_on_real_images(jpeg_root, tmp_path):
+    data = ["data=folder", f"data.root={jpeg_root}", "data.max_train=2048", "data.max_test=500",
+            "data.batch_size=64", "model.stem=imagenet", "trainer.max_epochs=2",
+            "trainer.precision=bf16-mixed", "trainer.enable_progress_bar=false",
+            "scheduler=cosine", "optimizer.lr=0.1", "bench.runs=20", "bench.warmup=2"]
+    run_cli("train.py", "stage=fp32", "name=real", *data, outputs=tmp_path)
+    fp32 = read_metrics(tmp_path / "real" / "fp32" / "metrics.json")
+    assert fp32["num_test_images"] == 500 and fp32["accuracy"] > 15.0  # chance is 10%
+    run_cli("quantize.py", "stage=ptq", "name=real", *data, "quant.calib_batches=8", outputs=tmp_path)
+    ptq = read_metrics(tmp_path / "real" / "ptq" / "metrics.json")
+    assert ptq["size_mb"] < 24.2 and abs(ptq["accuracy"] - fp32["accuracy"]) < 10.0
