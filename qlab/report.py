@@ -24,7 +24,11 @@ def _load_scripted(path: Path) -> torch.jit.ScriptModule:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return artifacts.freeze(torch.jit.load(str(path), map_location="cpu"))
+        module = torch.jit.load(str(path), map_location="cpu")
+        try:
+            return artifacts.freeze(module)
+        except RuntimeError:  # exported frozen already
+            return module
 
 
 def _fp32_eager(run_dir: Path, m: dict) -> torch.nn.Module | None:

@@ -24,7 +24,7 @@ def test_ptq_qat_report(fp32_run):
               "scales.csv", "scales.md"):
         assert (ptq / f).is_file(), f
     m = read_metrics(ptq / "metrics.json")
-    assert m["stage"] == "ptq" and m["backend"] == "x86" and m["calib_images"] == 64
+    assert m["stage"] == "ptq" and m["backend"] == "fbgemm" and m["calib_images"] == 64
     assert 23.5 < m["size_mb"] < 24.3  # INT8 ResNet-50: about a quarter of 94.4 MB
     assert m["scales"]["weight"]["scales"] == 54 and m["quant"]["kind"] == "po2"
     # the exported INT8 file loads with plain torch.jit.load and reproduces metrics.json

@@ -114,7 +114,7 @@ def finish_int8(cfg: DictConfig, *, stage: str, prepared: nn.Module, dm: ImageDa
 
     scripted = export(int8, dm)
     artifacts.save_torchscript(out / "model_int8.pt", scripted)
-    latency = measure_latency(artifacts.freeze(scripted), runs=cfg.bench.runs,
+    latency = measure_latency(scripted, runs=cfg.bench.runs,
                               warmup=cfg.bench.warmup, threads=cfg.bench.threads,
                               image_size=dm.image_size)
     title = f"{stage.upper()} INT8 test ({result['accuracy']:.2f}%)"
