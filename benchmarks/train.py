@@ -1,6 +1,6 @@
 """Training throughput: the real Lightning step against a bare PyTorch loop doing the same math.
 
-python benchmarks/train.py [--steps 8] [--batch 64] [--stem cifar]
+python benchmarks/train.py [--steps 8] [--batch 64] [--stem cifar] [--device cpu|cuda]
 Both paths: uint8 batch -> device -> kornia augmentation -> mixup -> forward -> label-smoothed
 cross-entropy -> backward -> clip grad norm 1.0 -> SGD Nesterov step.
 """
@@ -54,14 +54,15 @@ def make_lit(stem: str, channels_last: bool) -> LitClassifier:
         mixup_prob=0.5, channels_last=channels_last)
 
 
-def lightning_ips(loader, stem, precision, channels_last, warmup, steps, qat=False) -> float:
+def lightning_ips(loader, stem, precision, channels_last, warmup, steps, device, qat=False) -> float:
     lit = make_lit(stem, channels_last)
     clock = StepClock(warmup)
     callbacks = [clock]
     if qat:
         callbacks.append(QATCallback(qconfig=build_qconfig(qat=True), fp32_weights=None,
                                      freeze_observer_epoch=99, freeze_bn_epoch=99))
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=warmup + steps,
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                        precision=precision, max_steps=warmup + steps,
                         limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         gradient_clip_val=1.0, callbacks=callbacks)
@@ -69,14 +70,14 @@ def lightning_ips(loader, stem, precision, channels_last, warmup, steps, qat=Fal
     return loader.batch_size * clock.steps / (clock.t1 - clock.t0)
 
 
-def bare_ips(loader, stem, precision, channels_last, warmup, steps, qat=False) -> float:
-    lit = make_lit(stem, channels_last)
+def bare_ips(loader, stem, precision, channels_last, warmup, steps, device, qat=False) -> float:
+    lit = make_lit(stem, channels_last).to(device)
     model, augment = lit.model.train(), lit.augment
     if qat:
         QATCallback(qconfig=build_qconfig(qat=True), fp32_weights=None, freeze_observer_epoch=99,
                     freeze_bn_epoch=99).setup(None, lit, "fit")
     opt = lit.optimizer_factory(params=model.parameters())
-    autocast = (partial(torch.autocast, "cpu", dtype=torch.bfloat16) if precision == "bf16-mixed"
+    autocast = (partial(torch.autocast, device, dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else contextlib.nullcontext)
     t0, n = None, 0
     for i, (x, y) in enumerate(loader):
@@ -84,6 +85,7 @@ def bare_ips(loader, stem, precision, channels_last, warmup, steps, qat=False) -
             t0 = time.perf_counter()
         if i == warmup + steps:
             break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x = augment(x.float().div_(255.0))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -100,6 +102,8 @@ def bare_ips(loader, stem, precision, channels_last, warmup, steps, qat=False) -
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         n += i >= warmup and y.numel()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
 
 
@@ -109,6 +113,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--stem", default="cifar")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
     n = args.batch * (args.steps + args.warmup + 1)
     x, y = synthetic_split(num_images=n, num_classes=10, image_size=32, noise=0.1, seed=0,
@@ -120,7 +125,7 @@ def main() -> None:
     rows, results = [], []
     for label, precision, cl, qat in configs:
         kw = dict(stem=args.stem, precision=precision, channels_last=cl, warmup=args.warmup,
-                  steps=args.steps, qat=qat)
+                  steps=args.steps, device=args.device, qat=qat)
         lit_ips = lightning_ips(loader, **kw)
         raw_ips = bare_ips(copy.copy(loader), **kw)
         overhead = 100.0 * (raw_ips / lit_ips - 1.0)
