@@ -102,7 +102,7 @@ def save_curves(path: Path, csv_path: Path, title: str) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     plot_curves(a, b, read_epoch_metrics(csv_path), title)
     fig.tight_layout()
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_confusion(ax, confmat: Tensor, classes: Sequence[str], title: str) -> None:
@@ -128,10 +128,11 @@ def save_confusion(path: Path, confmat: Tensor, classes: Sequence[str], title: s
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     plot_confusion(ax, confmat, classes, title)
     fig.tight_layout()
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
-def _save_fig(fig, path: Path) -> Path:
+def save_fig(fig, path: Path) -> Path:
+    """Save a matplotlib figure as PNG, atomically, and close it."""
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:

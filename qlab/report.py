@@ -125,7 +125,7 @@ def save_figure(path: Path, run: Path, found: dict[str, dict]) -> Path:
             ax.set_axis_off()
     axes[1, 3].set_axis_off()
     fig.tight_layout()
-    return artifacts._save_fig(fig, path)
+    return artifacts.save_fig(fig, path)
 
 
 def run_report(cfg: DictConfig) -> dict:

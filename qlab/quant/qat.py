@@ -44,10 +44,6 @@ class QATCallback(L.Callback):
         if epoch >= self.freeze_bn_epoch:
             pl_module.model.apply(nniqat.freeze_bn_stats)
 
-    def state_dict(self) -> dict:
-        return {"freeze_observer_epoch": self.freeze_observer_epoch,
-                "freeze_bn_epoch": self.freeze_bn_epoch}
-
 
 def fake_quant_scales(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The scale each FakeQuantize module used in its last forward, by module name."""
