@@ -182,6 +182,7 @@ class ImageDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.mean, self.std = tuple(mean), tuple(std)
         self.splits: dict[str, Split] = {}
+        self._raw: dict[str, Split] = {}
 
     @property
     def num_classes(self) -> int:
@@ -209,6 +210,12 @@ class ImageDataModule(L.LightningDataModule):
         return batch_size // world
 
     def _load(self, split: str) -> Split:
+        # prepare_data() and setup() run in the same process outside DDP: read each split once
+        if split not in self._raw:
+            self._raw[split] = self._read(split)
+        return self._raw[split]
+
+    def _read(self, split: str) -> Split:
         if self.source == "synthetic":
             n = self.num_train if split == "train" else self.num_test
             return synthetic_split(
