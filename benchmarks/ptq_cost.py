@@ -27,6 +27,7 @@ def child(kind: str, batch: int, calib_batches: int) -> dict:
     from torch.ao.quantization import convert
 
     from qlab.artifacts import freeze, save_torchscript
+    from qlab.hardware import resolve_precision
     from qlab.models import Deployable, build_resnet50
     from qlab.quant.ptq import calibrate, prepare_ptq
     from qlab.quant.qconfig import build_qconfig, set_backend
@@ -35,16 +36,18 @@ def child(kind: str, batch: int, calib_batches: int) -> dict:
     torch.manual_seed(0)
     model = build_resnet50()
     out: dict = {}
-    if kind == "train":
+    if kind == "train":  # in the precision trainer.precision=auto picks on this CPU
+        out["precision"] = resolve_precision("auto", "cpu")
+        bf16 = out["precision"] == "bf16-mixed"
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         for _ in range(3):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(torch.randn(batch, 3, 32, 32)).logsumexp(1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
     elif kind == "ptq":
-        set_backend("x86")
+        set_backend("auto")
         g = torch.Generator().manual_seed(0)
         data = [(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g), None)
                 for _ in range(calib_batches)]
@@ -64,7 +67,7 @@ def child(kind: str, batch: int, calib_batches: int) -> dict:
         out["seconds"] = {k: t[k] - t[p] for p, k in zip(keys, keys[1:])}
         out["seconds"]["total"] = t["export"] - t["start"]
     elif kind == "int8_infer":
-        set_backend("x86")
+        set_backend("auto")
         prepared = prepare_ptq(model, build_qconfig())
         calibrate(prepared, [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), None)],
                   batches=1, mean=mean, std=std)
@@ -96,8 +99,8 @@ def main() -> None:
     rows = [[f"PTQ {k}", f"{v:.2f} s"] for k, v in res["ptq"]["seconds"].items()]
     rows += [[f"peak RSS, {k}", f"{res[k]['peak_rss_mb']:.0f} MB"] for k in ("ptq", "train", "int8_infer")]
     print_table(f"PTQ cost, default ResNet-50, {args.calib_batches} calibration batches of "
-                f"{args.batch} (training: bf16 step at batch {args.batch}; INT8 inference: batch "
-                f"{args.batch})", ["what", "value"], rows)
+                f"{args.batch} (training: {res['train']['precision']} step at batch {args.batch}; "
+                f"INT8 inference: batch {args.batch})", ["what", "value"], rows)
     save("ptq_cost", {"args": vars(args), "results": res})
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from qlab.augment import TrainAugment, mixup
 from qlab.data import synthetic_split
+from qlab.hardware import native_cpu_bf16
 from qlab.models import build_resnet50
 from qlab.module import LitClassifier
 from qlab.quant.qat import QATCallback
@@ -114,6 +115,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--stem", default="cifar")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--bf16", action="store_true",
+                   help="also time bf16 on a CPU that only emulates it (about 10x slower than fp32)")
     args = p.parse_args()
     n = args.batch * (args.steps + args.warmup + 1)
     x, y = synthetic_split(num_images=n, num_classes=10, image_size=32, noise=0.1, seed=0,
@@ -122,6 +125,9 @@ def main() -> None:
     configs = [("fp32", "32", False, False), ("bf16-mixed", "bf16-mixed", False, False),
                ("fp32 channels_last", "32", True, False), ("bf16 channels_last", "bf16-mixed", True, False),
                ("QAT fp32 (fake-quant)", "32", False, True)]
+    if args.device == "cpu" and not native_cpu_bf16() and not args.bf16:
+        print("bf16 rows skipped: this CPU has no native bf16 (AVX512_BF16/AMX); --bf16 to time them")
+        configs = [c for c in configs if "bf16" not in c[1]]
     rows, results = [], []
     for label, precision, cl, qat in configs:
         kw = dict(stem=args.stem, precision=precision, channels_last=cl, warmup=args.warmup,

@@ -52,11 +52,24 @@ def save_state_dict(path: Path, model: torch.nn.Module) -> float:
     return Path(path).stat().st_size / 1e6
 
 
-def save_torchscript(path: Path, module: torch.jit.ScriptModule) -> Path:
-    """torch.jit.save, atomically."""
+META_FILE = "qlab.json"  # inside every exported TorchScript file: what it was made for, and where
+
+
+def save_torchscript(path: Path, module: torch.jit.ScriptModule, meta: dict | None = None) -> Path:
+    """torch.jit.save, atomically, with `meta` as the extra file qlab.json."""
+    extra = {META_FILE: json.dumps(meta or {}, sort_keys=True)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return atomic_write(path, lambda tmp: torch.jit.save(module, str(tmp)))
+        return atomic_write(path, lambda tmp: torch.jit.save(module, str(tmp), _extra_files=extra))
+
+
+def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, dict]:
+    """torch.jit.load on CPU and the file's qlab.json ({} for a file without one)."""
+    extra = {META_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return module, json.loads(extra[META_FILE] or "{}")
 
 
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from qlab import artifacts
 from qlab.bench import measure_latency
+from qlab.hardware import check_int8_exact, resolve_config
 
 log = logging.getLogger(__name__)
 STAGES = ("fp32", "ptq", "qat")
@@ -19,16 +20,16 @@ HEADER = ("Model", "Size (MB)", "Compression", "Accuracy (%)", "Loss", "Accuracy
           "Latency (ms)", "Speedup")
 
 
-def _load_scripted(path: Path) -> torch.jit.ScriptModule:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(path), map_location="cpu")
-        try:
-            return artifacts.freeze(module)
-        except RuntimeError:  # exported frozen already
-            return module
+def _load_scripted(path: Path, engine: str) -> torch.jit.ScriptModule:
+    """The exported model, refused if its INT8 results would be wrong on this CPU's kernels."""
+    module, meta = artifacts.load_torchscript(path)
+    # files from before the metadata existed: assume the full int8 weight range
+    int8 = meta.get("weight_max", 127 if path.name == "model_int8.pt" else 0)
+    check_int8_exact(int8, engine, str(path))
+    try:
+        return artifacts.freeze(module)
+    except RuntimeError:  # exported frozen already
+        return module
 
 
 def _fp32_eager(run_dir: Path, m: dict) -> torch.nn.Module | None:
@@ -55,7 +56,8 @@ def remeasure_latency(run: Path, found: dict[str, dict], cfg: DictConfig) -> dic
         forms = {}
         path = run / stage / MODEL_FILE[m["stage"]]
         if path.is_file():
-            forms["torchscript-frozen"] = measure_latency(_load_scripted(path), **bench)
+            model = _load_scripted(path, cfg.quant.backend)
+            forms["torchscript-frozen"] = measure_latency(model, **bench)
         if m["stage"] == "fp32" and (eager := _fp32_eager(run / stage, m)) is not None:
             forms["eager"] = measure_latency(eager, **bench)
         if forms:
@@ -145,6 +147,7 @@ def run_report(cfg: DictConfig) -> dict:
                         f"name={cfg.name}` (then quantize.py stage=ptq, train.py stage=qat) first.")
     from qlab.quant.qconfig import set_backend
 
+    hw = resolve_config(cfg, trains=False)
     set_backend(cfg.quant.backend)  # INT8 weights are repacked for this engine when loaded
     latency = remeasure_latency(run, found, cfg)
     rows = build_rows(found, latency)
@@ -158,14 +161,18 @@ def run_report(cfg: DictConfig) -> dict:
         f"median of {cfg.bench.runs} runs, all models in one process, "
         f"{torch.get_num_threads() if not cfg.bench.threads else cfg.bench.threads} threads, "
         f"INT8 as frozen TorchScript on the {cfg.quant.backend} engine, FP32 in its faster form "
-        f"({latency.get('fp32', {}).get('form', 'n/a')}).", "",
+        f"({latency.get('fp32', {}).get('form', 'n/a')}); CPU: {hw['cpu']} "
+        f"({hw['cpu_capability']}, int8 pair sums saturate at int16: "
+        f"{'yes' if hw.get('int8_saturates') else 'no'})"
+        f"{', ISA limited by ' + str(hw['isa_limits']) if hw.get('isa_limits') else ''}.", "",
         table, "",
         *((f"Missing: {', '.join(missing)} (not run yet).", "") if missing else ()),
         "![curves and confusion matrices](report.png)", ""])
     artifacts.atomic_write(run / "report.md", lambda tmp: tmp.write_text(text))
     save_figure(run / "report.png", run, found)
     report = {"name": cfg.name, "rows": rows, "missing": missing, "latency": latency,
-              "threads": cfg.bench.threads or torch.get_num_threads()}
+              "threads": cfg.bench.threads or torch.get_num_threads(), "hardware": hw,
+              "made_on": {s: m.get("hardware") for s, m in found.items()}}
     artifacts.write_json(run / "report.json", report)
     print(table)
     return report

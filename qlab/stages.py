@@ -19,6 +19,7 @@ from qlab import artifacts
 from qlab.bench import measure_latency
 from qlab.data import ImageDataModule
 from qlab.errors import QlabError
+from qlab.hardware import resolve_config
 from qlab.models import Deployable
 from qlab.module import LitClassifier
 
@@ -147,6 +148,7 @@ def run_fp32(cfg: DictConfig) -> dict | None:
     out = output_dir()
     ckpt_path = resume_path(cfg, out)
     L.seed_everything(cfg.seed, workers=True)
+    hw = resolve_config(cfg, trains=True)
     dm = build_datamodule(cfg)
     lit = build_lit(cfg, build_model(cfg, dm.num_classes), dm)
     trainer = build_trainer(cfg)
@@ -156,7 +158,7 @@ def run_fp32(cfg: DictConfig) -> dict | None:
     model = lit.model.eval().cpu()
     size_mb = artifacts.save_state_dict(out / "model_fp32_state_dict.pt", model)
     scripted = export(model, dm)
-    artifacts.save_torchscript(out / "model_fp32.pt", scripted)
+    artifacts.save_torchscript(out / "model_fp32.pt", scripted, meta={"hardware": hw})
     latency = measure_latency(scripted, **_bench_args(cfg, dm))
     artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "FP32")
     confmat = result.pop("confmat")
@@ -168,6 +170,7 @@ def run_fp32(cfg: DictConfig) -> dict | None:
         "latency": latency,
         "backend": "fp32",
         "precision": str(cfg.trainer.precision),
+        "hardware": hw,
     }
     artifacts.write_json(out / "metrics.json", metrics)
     return metrics
@@ -187,6 +190,7 @@ def run_qat(cfg: DictConfig) -> dict | None:
     out = output_dir()
     ckpt_path = resume_path(cfg, out)
     L.seed_everything(cfg.seed, workers=True)
+    hw = resolve_config(cfg, trains=True)
     set_backend(cfg.quant.backend)
     dm = build_datamodule(cfg)
     weights, fp32_metrics = fp32_weights_path(cfg)
@@ -207,5 +211,6 @@ def run_qat(cfg: DictConfig) -> dict | None:
         "fp32_weights": str(weights),
         "model": OmegaConf.to_container(model_cfg, resolve=True),
         "precision": str(cfg.trainer.precision),
+        "hardware": hw,
     }
     return finish_int8(cfg, stage="qat", prepared=lit.model, dm=dm, out=out, extra=extra)

@@ -23,9 +23,11 @@ TINY = [
 
 
 def run_cli(script: str, *overrides: str, outputs: Path, check: bool = True,
-            timeout: int = 600) -> subprocess.CompletedProcess:
-    """python SCRIPT overrides... with outputs under `outputs`; returns the finished process."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="0")
+            timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """python SCRIPT overrides... with outputs under `outputs`; returns the finished process.
+
+    Timeouts are sized for a 2-core AVX2-only CPU, the slowest kind these tests run on."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="0", **(env or {}))
     env.pop("LOCAL_RANK", None)
     flags = [o for o in overrides if o.startswith("-")]
     # later overrides win, like on a command line, but Hydra refuses a key given twice

@@ -1,9 +1,12 @@
 """fp32 -> ptq -> qat -> report through the real entry points, on tiny synthetic data."""
 
 import json
+import platform
 
 import pytest
 import torch
+
+from qlab.hardware import resolve_engine
 
 from conftest import TINY, read_metrics, run_cli
 
@@ -24,11 +27,17 @@ def test_ptq_qat_report(fp32_run):
               "scales.csv", "scales.md"):
         assert (ptq / f).is_file(), f
     m = read_metrics(ptq / "metrics.json")
-    assert m["stage"] == "ptq" and m["backend"] == "fbgemm" and m["calib_images"] == 64
+    assert m["stage"] == "ptq" and m["backend"] == resolve_engine("auto") and m["calib_images"] == 64
+    hw = m["hardware"]
+    assert hw["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and hw["precision"] is None
+    assert hw["engine"] == m["backend"] and hw["reduce_range"] is False and hw["int8_target"] == "portable"
+    assert m["int8"]["weight_max"] <= 64 and m["int8"]["quantized_for"].startswith("every CPU")
     assert 23.5 < m["size_mb"] < 24.3  # INT8 ResNet-50: about a quarter of 94.4 MB
     assert m["scales"]["weight"]["scales"] == 54 and m["quant"]["kind"] == "po2"
     # the exported INT8 file loads with plain torch.jit.load and reproduces metrics.json
-    scripted = torch.jit.load(str(ptq / "model_int8.pt"))
+    extra = {"qlab.json": ""}
+    scripted = torch.jit.load(str(ptq / "model_int8.pt"), _extra_files=extra)
+    assert json.loads(extra["qlab.json"])["weight_max"] == m["int8"]["weight_max"]
     from qlab.data import synthetic_split
 
     x, y = synthetic_split(num_images=64, num_classes=10, image_size=32, noise=0.1, seed=42,
@@ -44,7 +53,7 @@ def test_ptq_qat_report(fp32_run):
     assert mq["stage"] == "qat" and 23.5 < mq["size_mb"] < 24.3
     assert "fake_quant_accuracy" in mq and mq["epochs"] == 1
     cfg = (qat / ".hydra" / "config.yaml").read_text()
-    assert "precision: 32" in cfg
+    assert "precision: 32" in cfg and mq["precision"] == mq["hardware"]["precision"] == "32"
 
     # a tagged variant lands beside ptq/ without replacing it, and the report lists it too
     run_cli("quantize.py", "stage=ptq", "name=q", "quant=torch", "tag=-torch", *QUICK,
@@ -60,7 +69,25 @@ def test_ptq_qat_report(fp32_run):
     assert fp32_row["speedup"] == pytest.approx(1.0) and ptq_row["compression"] > 3.8
     assert ptq_row["accuracy_drop"] == pytest.approx(fp32_row["accuracy"] - ptq_row["accuracy"])
     assert "| Model | Size (MB) | Compression | Accuracy (%) | Loss |" in proc.stdout
+    assert report["hardware"]["cpu_capability"] and report["made_on"]["ptq"] == hw
     assert (fp32_run / "q" / "report.png").is_file() and (fp32_run / "q" / "report.md").is_file()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 kernels")
+def test_full_int8_weights_are_refused_where_the_kernels_saturate(fp32_run):
+    # an AVX2-only CPU, reproduced here by the kernels' ISA switches: 8-bit weights would
+    # overflow int16 pair sums, so PTQ with quant.target=vnni stops before writing a wrong model
+    avx2 = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "ATEN_CPU_CAPABILITY": "avx2"}
+    proc = run_cli("quantize.py", "stage=ptq", "name=q", "quant.target=vnni", "tag=-vnni", *QUICK,
+                   outputs=fp32_run, env=avx2, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "quant.target=portable" in proc.stderr and "saturate" in proc.stderr
+    assert not (fp32_run / "q" / "ptq-vnni" / "model_int8.pt").exists()
+    run_cli("quantize.py", "stage=ptq", "name=q", "tag=-avx2", *QUICK, outputs=fp32_run, env=avx2)
+    m = read_metrics(fp32_run / "q" / "ptq-avx2" / "metrics.json")
+    assert m["backend"] == "x86" and m["hardware"]["int8_saturates"] is True
+    assert m["hardware"]["isa_limits"] == avx2 and m["int8"]["weight_max"] <= 64
 
 
 def test_report_marks_missing_stages(tmp_path):

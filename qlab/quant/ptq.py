@@ -19,6 +19,7 @@ from qlab.checkpoint import load_fp32_weights
 from qlab.data import ImageDataModule
 from qlab.errors import QlabError
 from qlab.evaluate import evaluate
+from qlab.hardware import check_int8_exact, quantized_for, quantized_weight_max, resolve_config
 from qlab.models import Normalize
 from qlab.quant.qconfig import build_qconfig, set_backend
 from qlab.quant.scales import scale_table, write_scale_table
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 def qconfig_from_cfg(quant: DictConfig, *, qat: bool):
     """build_qconfig(**cfg.quant) without the keys that are not qconfig options."""
     keys = ("kind", "backend", "max_shift", "rounding", "per_channel", "activation_dtype",
-            "activation_symmetric", "reduce_range", "averaging_constant")
+            "activation_symmetric", "reduce_range", "averaging_constant", "target")
     return build_qconfig(qat=qat, **{k: quant[k] for k in keys if k in quant})
 
 
@@ -100,6 +101,14 @@ def prepare_ptq(model: nn.Module, qconfig) -> nn.Module:
     return prepare(model, inplace=True)
 
 
+def int8_record(int8: nn.Module, cfg: DictConfig) -> dict:
+    """What an INT8 model was quantized for: stored in metrics.json and in the exported file."""
+    weight_max = quantized_weight_max(int8)
+    return {"target": cfg.quant.target, "weight_max": weight_max,
+            "quantized_for": quantized_for(weight_max), "engine": cfg.quant.backend,
+            "reduce_range": bool(cfg.quant.reduce_range), "kind": cfg.quant.kind}
+
+
 def finish_int8(cfg: DictConfig, *, stage: str, prepared: nn.Module, dm: ImageDataModule,
                 out: Path, extra: dict) -> dict:
     """Convert a prepared/QAT model on CPU, evaluate it and write every INT8 output of a stage."""
@@ -107,13 +116,16 @@ def finish_int8(cfg: DictConfig, *, stage: str, prepared: nn.Module, dm: ImageDa
     prepared = copy.deepcopy(prepared).cpu().eval()
     summary = write_scale_table(out, scale_table(prepared), max_shift=cfg.quant.max_shift)
     int8 = convert(prepared, inplace=False)
+    record = int8_record(int8, cfg)
+    check_int8_exact(record["weight_max"], record["engine"], f"The {stage} INT8 model")
     result = evaluate(int8, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
                       std=dm.std, label_smoothing=cfg.module.label_smoothing)
     size_mb = artifacts.save_state_dict(out / "model_int8_state_dict.pt", int8)
     from qlab.stages import export  # one export path for FP32 and INT8
 
     scripted = export(int8, dm)
-    artifacts.save_torchscript(out / "model_int8.pt", scripted)
+    artifacts.save_torchscript(out / "model_int8.pt", scripted, meta=record | {
+        "hardware": extra.get("hardware", {})})
     latency = measure_latency(scripted, runs=cfg.bench.runs,
                               warmup=cfg.bench.warmup, threads=cfg.bench.threads,
                               image_size=dm.image_size)
@@ -129,6 +141,7 @@ def finish_int8(cfg: DictConfig, *, stage: str, prepared: nn.Module, dm: ImageDa
         "latency": latency,
         "backend": cfg.quant.backend,
         "quant": OmegaConf.to_container(cfg.quant, resolve=True),
+        "int8": record,
         "scales": summary,
         "confusion_matrix": confmat.tolist(),
     }
@@ -142,6 +155,7 @@ def run_ptq(cfg: DictConfig) -> dict:
 
     out = output_dir()
     torch.manual_seed(cfg.seed)
+    hw = resolve_config(cfg, trains=False)
     set_backend(cfg.quant.backend)
     dm = build_datamodule(cfg)
     model, weights, model_cfg = load_fp32(cfg, dm.num_classes)
@@ -149,6 +163,6 @@ def run_ptq(cfg: DictConfig) -> dict:
     prepared = prepare_ptq(model, qconfig_from_cfg(cfg.quant, qat=False))
     seen = calibrate(prepared, dm.calib_dataloader(), batches=cfg.quant.calib_batches,
                      mean=dm.mean, std=dm.std)
-    extra = {"fp32_weights": str(weights), "calib_images": seen,
+    extra = {"fp32_weights": str(weights), "calib_images": seen, "hardware": hw,
              "model": OmegaConf.to_container(model_cfg, resolve=True)}
     return finish_int8(cfg, stage="ptq", prepared=prepared, dm=dm, out=out, extra=extra)

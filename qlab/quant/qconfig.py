@@ -11,6 +11,7 @@ from torch.ao.quantization import (
 )
 
 from qlab.errors import QlabError
+from qlab.hardware import PORTABLE_WEIGHT_MAX, TARGETS, resolve_engine
 from qlab.quant.observer import (
     Po2MinMaxObserver,
     Po2MovingAverageMinMaxObserver,
@@ -23,7 +24,8 @@ DTYPES = {"quint8": torch.quint8, "qint8": torch.qint8}
 
 
 def set_backend(backend: str) -> str:
-    """Select the quantized engine (x86, fbgemm, qnnpack, onednn) for prepare/convert/inference."""
+    """Select the quantized engine (x86, fbgemm, qnnpack, onednn; auto: see resolve_engine)."""
+    backend = resolve_engine(backend)
     supported = [e for e in torch.backends.quantized.supported_engines if e != "none"]
     if backend not in supported:
         raise QlabError(f"quant.backend={backend!r} is not available in this torch build; "
@@ -32,9 +34,18 @@ def set_backend(backend: str) -> str:
     return backend
 
 
+def weight_range(target: str) -> tuple[int, int]:
+    """Integer weight range: +-64 for `portable` (exact on every CPU), the full int8 for `vnni`."""
+    if target not in TARGETS:
+        raise QlabError(f"quant.target={target!r} is not known; use portable (exact INT8 on every "
+                        f"CPU, the default) or vnni (full 8-bit weights, exact only with VNNI).")
+    return (-PORTABLE_WEIGHT_MAX, PORTABLE_WEIGHT_MAX) if target == "portable" else (-128, 127)
+
+
 def _activation_range(dtype: torch.dtype, reduce_range: bool) -> tuple[int, int]:
     lo, hi = (0, 255) if dtype == torch.quint8 else (-128, 127)
-    if reduce_range:  # 7-bit activations: no VPMADDUBSW saturation on x86 CPUs without VNNI
+    if reduce_range:  # 7-bit activations: torch's guard against int16 saturation without VNNI,
+        # which holds only for values inside the calibrated range (quant.target bounds weights)
         lo, hi = lo // 2, hi // 2
     return lo, hi
 
@@ -51,12 +62,21 @@ def build_qconfig(
     activation_symmetric: bool = False,
     reduce_range: bool = False,
     averaging_constant: float = 0.01,
+    target: str = "portable",
 ) -> QConfig:
-    """The QConfig for PTQ (observers) or QAT (FakeQuantize modules that run those observers)."""
+    """The QConfig for PTQ (observers) or QAT (FakeQuantize modules that run those observers).
+
+    `target` bounds the integer weights (see weight_range); activations stay 8-bit unless
+    `reduce_range`."""
     if kind not in KINDS:
         raise QlabError(f"quant.kind={kind!r} is not known; use quant=po2 or quant=torch.")
+    wmin, wmax = weight_range(target)
     if kind == "torch":
-        return get_default_qat_qconfig(backend) if qat else get_default_qconfig(backend)
+        qc = get_default_qat_qconfig(backend) if qat else get_default_qconfig(backend)
+        if target == "vnni":
+            return qc
+        return QConfig(activation=qc.activation,
+                       weight=qc.weight.with_args(quant_min=wmin, quant_max=wmax))
     if activation_dtype not in DTYPES:
         raise QlabError(f"quant.activation_dtype={activation_dtype!r}: use quint8 or qint8.")
     act_dtype = DTYPES[activation_dtype]
@@ -64,12 +84,10 @@ def build_qconfig(
     po2 = {"max_shift": max_shift, "rounding": rounding}
     act = {"dtype": act_dtype, "quant_min": qmin, "quant_max": qmax,
            "qscheme": torch.per_tensor_symmetric if activation_symmetric else torch.per_tensor_affine}
+    weight = {"dtype": torch.qint8, "quant_min": wmin, "quant_max": wmax,
+              "qscheme": torch.per_tensor_symmetric}
     if per_channel:
-        weight = {"dtype": torch.qint8, "quant_min": -128, "quant_max": 127,
-                  "qscheme": torch.per_channel_symmetric, "ch_axis": 0}
-    else:
-        weight = {"dtype": torch.qint8, "quant_min": -128, "quant_max": 127,
-                  "qscheme": torch.per_tensor_symmetric}
+        weight |= {"qscheme": torch.per_channel_symmetric, "ch_axis": 0}
     if not qat:
         w_obs = Po2PerChannelMinMaxObserver if per_channel else Po2MinMaxObserver
         return QConfig(activation=Po2MinMaxObserver.with_args(**act, **po2),
