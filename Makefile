@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-realdata test-all bench lint clean-demo
+.PHONY: demo test test-slow test-realdata test-all bench lint gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ bench: $(STAMP)  ## speed tables (benchmarks/results/*.json); QUICK=1 for fewer 
 	$(PY) benchmarks/train.py $(if $(QUICK),--steps 3,)
 	$(PY) benchmarks/augment.py $(if $(QUICK),--images 1024,)
 	$(PY) benchmarks/ptq_cost.py $(if $(QUICK),--calib-batches 4,)
+
+gpu-check: $(STAMP)  ## CUDA only: short FP32 -> PTQ -> QAT -> report on every GPU (outputs/gpu-check/)
+	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make gpu-check needs a CUDA GPU; torch.cuda.is_available() is False here.')"
+	$(PY) train.py stage=fp32 experiment=gpu_check name=gpu-check overwrite=true
+	$(PY) quantize.py stage=ptq experiment=gpu_check name=gpu-check
+	$(PY) train.py stage=qat experiment=gpu_check name=gpu-check overwrite=true
+	$(PY) quantize.py stage=report experiment=gpu_check name=gpu-check
+	@$(PY) -c "import json; [print(s, m['hardware']['gpus'], 'precision', m['precision'], 'world size', m['world_size'], f\"{m['train_images_per_s']:.0f} train img/s\") for s in ('fp32', 'qat') for m in [json.load(open(f'outputs/gpu-check/{s}/metrics.json'))]]"
 
 lint: $(STAMP)
 	$(PY) -m ruff check qlab tests benchmarks train.py quantize.py

@@ -15,6 +15,7 @@ from torch.ao.quantization import convert
 
 from qlab.artifacts import freeze
 from qlab.bench import measure_latency
+from qlab.hardware import check_int8_exact, int8_saturates, quantized_weight_max
 from qlab.models import build_resnet50
 from qlab.quant.ptq import calibrate, prepare_ptq
 from qlab.quant.qat import QATCallback
@@ -50,7 +51,10 @@ def int8_models(stem: str, engine: str, fp32: torch.nn.Module) -> dict[str, torc
                 freeze_observer_epoch=9, freeze_bn_epoch=9).setup(None, type("M", (), {
                     "model": qat_model})(), "fit")
     qat_model(torch.randn(32, 3, 32, 32))  # one observed step sets the fake-quant scales
-    return {"ptq": convert(ptq.eval()), "qat": convert(qat_model.eval())}
+    models = {"ptq": convert(ptq.eval()), "qat": convert(qat_model.eval())}
+    for name, int8 in models.items():  # refuse to time a model whose outputs would be wrong here
+        check_int8_exact(quantized_weight_max(int8), engine, f"{stem} {name} on {engine}")
+    return models
 
 
 def script_frozen(model: torch.nn.Module) -> torch.jit.ScriptModule:
@@ -71,6 +75,7 @@ def bench_stem(stem: str, args, rows: list, results: list) -> None:
             with torch.inference_mode():
                 same = bool(torch.equal(fn(x), ref(x)))
         r = {"stem": stem, "model": model_name, "form": form, "engine": engine,
+             "int8_saturates": None if engine == "-" else int8_saturates(engine),
              "median_ms": latency["median_ms"], "p90_ms": latency["p90_ms"],
              "batch_images_per_s": ips, "equals_eager": same}
         results.append(r)

@@ -4,6 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from qlab.hardware import resolve_precision
+
 from conftest import TINY, read_metrics, run_cli
 
 
@@ -21,6 +23,10 @@ def test_fp32_stage_writes_every_output_and_resumes(tmp_path):
     assert 0.0 <= m["accuracy"] <= 100.0 and m["loss"] > 0
     assert 94.3 < m["size_mb"] < 94.6 and m["latency"]["median_ms"] > 0
     assert m["train_samples_per_rank"] == [96]  # 3 full batches of 32
+    # trainer.precision=auto (the default) is resolved from this machine and recorded
+    assert m["precision"] == m["hardware"]["precision"] == resolve_precision("auto", "cpu")
+    assert m["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["hardware"]["threads"] >= 1 and isinstance(m["hardware"]["gpus"], list)
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= set(
         header.split(","))
