@@ -30,7 +30,7 @@ test-realdata: $(STAMP)  ## needs ../shared/data/cifar10-jpeg.tar.gz
 test-all: test test-slow test-realdata
 
 bench: $(STAMP)  ## speed tables (benchmarks/results/*.json); QUICK=1 for fewer runs
-	$(PY) benchmarks/inference.py $(if $(QUICK),--runs 100 --batch-iters 1,)
+	$(PY) benchmarks/inference.py $(if $(QUICK),--runs 100 --batch-iters 1 --rounds 3,)
 	$(PY) benchmarks/train.py $(if $(QUICK),--steps 3,)
 	$(PY) benchmarks/augment.py $(if $(QUICK),--images 1024,)
 	$(PY) benchmarks/ptq_cost.py $(if $(QUICK),--calib-batches 4,)

@@ -7,16 +7,16 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
-from qlab.hardware import hardware
+from qlab.hardware import hardware, resolve_engine, resolve_precision
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    """The run's `hardware` block (qlab.hardware): CPU, capability, flags, threads, GPUs, engine."""
-    return hardware(engine=torch.backends.quantized.engine) | {"date": time.strftime("%Y-%m-%d %H:%M")}
+    """The run's `hardware` block (qlab.hardware), with what precision=auto and backend=auto pick
+    on this machine (a benchmark times several; its rows say which)."""
+    return hardware(engine=resolve_engine("auto"), precision=resolve_precision("auto", "cpu"),
+                    reduce_range=False) | {"date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 import warnings
 
@@ -15,7 +16,13 @@ from torch.ao.quantization import convert
 
 from qlab.artifacts import freeze
 from qlab.bench import measure_latency
-from qlab.hardware import check_int8_exact, int8_saturates, quantized_weight_max
+from qlab.hardware import (
+    check_int8_exact,
+    int8_saturates,
+    native_cpu_bf16,
+    quantized_weight_max,
+    resolve_engine,
+)
 from qlab.models import build_resnet50
 from qlab.quant.ptq import calibrate, prepare_ptq
 from qlab.quant.qat import QATCallback
@@ -61,7 +68,24 @@ def script_frozen(model: torch.nn.Module) -> torch.jit.ScriptModule:
     return freeze(torch.jit.script(model.eval()))
 
 
-def bench_stem(stem: str, args, rows: list, results: list) -> None:
+def engine_race(stem: str, frozen: dict[str, torch.jit.ScriptModule], args) -> dict:
+    """One-image latency of the frozen PTQ model per engine, interleaved over `rounds` rounds so
+    that drift in the machine's speed hits every engine alike; the median of the rounds wins."""
+    times: dict[str, list[float]] = {e: [] for e in frozen}
+    for _ in range(args.rounds):
+        for engine, model in frozen.items():
+            set_backend(engine)
+            times[engine].append(measure_latency(model, runs=args.runs, warmup=args.warmup)["median_ms"])
+    medians = {e: statistics.median(t) for e, t in times.items()}
+    fastest = min(medians, key=medians.get)
+    print(f"\n  {stem}: one-image PTQ latency per engine, median of {args.rounds} interleaved rounds: "
+          + ", ".join(f"{e} {m:.3f} ms" for e, m in medians.items())
+          + f"\n  fastest here: {fastest}; quant.backend=auto picks {resolve_engine('auto')}", flush=True)
+    return {"stem": stem, "rounds": times, "median_ms": medians, "fastest": fastest,
+            "auto": resolve_engine("auto")}
+
+
+def bench_stem(stem: str, args, rows: list, results: list, race: list) -> None:
     torch.manual_seed(0)
     fp32 = build_resnet50(stem=stem).eval()
     lat = {"runs": args.runs, "warmup": args.warmup}
@@ -88,14 +112,21 @@ def bench_stem(stem: str, args, rows: list, results: list) -> None:
 
     record("fp32", "eager", "-", fp32)
     record("fp32", "torchscript-frozen", "-", script_frozen(copy.deepcopy(fp32)))
-    record("fp32", "eager-bf16-autocast", "-", bf16)
+    if native_cpu_bf16() or args.bf16:  # emulated bf16 is about 10x slower: not a contender
+        record("fp32", "eager-bf16-autocast", "-", bf16)
+    frozen_ptq = {}
     for engine in args.engines:
         models = int8_models(stem, engine, fp32)
         for name, int8 in models.items():
             if name == "qat" and not args.qat_all_forms and engine != args.engines[0]:
                 continue
             record(name, "eager", engine, int8)
-            record(name, "torchscript-frozen", engine, script_frozen(copy.deepcopy(int8)), ref=int8)
+            frozen = script_frozen(copy.deepcopy(int8))
+            record(name, "torchscript-frozen", engine, frozen, ref=int8)
+            if name == "ptq":
+                frozen_ptq[engine] = frozen
+    if args.rounds > 1:
+        race.append(engine_race(stem, frozen_ptq, args))
     best_fp32 = min(r["median_ms"] for r in results if r["stem"] == stem and r["model"] == "fp32")
     for r in results:
         if r["stem"] == stem:
@@ -114,16 +145,20 @@ def main() -> None:
     p.add_argument("--stems", default="cifar,imagenet")
     p.add_argument("--engines", default="x86,fbgemm,onednn")
     p.add_argument("--qat-all-forms", action="store_true", help="QAT on every engine, not just the first")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of the per-engine race (PTQ, frozen, one image); 1: no race")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time bf16 autocast on a CPU that only emulates it (about 10x slower)")
     args = p.parse_args()
     args.engines = [e for e in args.engines.split(",") if e in torch.backends.quantized.supported_engines]
-    rows, results = [], []
+    rows, results, race = [], [], []
     for stem in args.stems.split(","):
-        bench_stem(stem, args, rows, results)
+        bench_stem(stem, args, rows, results, race)
     print_table(f"Inference, {torch.get_num_threads()} threads (latency: median/p90 over {args.runs} "
                 f"runs of one 3x32x32 image; throughput: batch {args.batch})",
                 ["stem", "model", "engine", "form", "median ms", "p90 ms", "img/s", "speedup",
                  "= eager"], rows)
-    save("inference", {"args": vars(args), "results": results})
+    save("inference", {"args": vars(args), "results": results, "engine_race": race})
 
 
 if __name__ == "__main__":
