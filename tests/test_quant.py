@@ -6,6 +6,7 @@ from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize, c
 
 from qlab.checkpoint import load_fp32_weights, read_state_dict
 from qlab.errors import QlabError
+from qlab.hardware import quantized_weight_max
 from qlab.models import build_resnet50
 from qlab.quant.observer import _Po2Mixin
 from qlab.quant.ptq import calibrate, prepare_ptq, require_cpu
@@ -105,6 +106,22 @@ def test_qat_runs_the_po2_observer_inside_fake_quant():
     assert all(m.freeze_bn for m in model.modules() if hasattr(m, "freeze_bn"))
     int8 = convert(copy.deepcopy(model).eval())
     assert all(is_power_of_two(s) for s in quantized_scales(int8))
+    # quant.target=portable: training already sees the +-64 weight grid the INT8 model keeps
+    assert all((m.quant_min, m.quant_max) == (-64, 64) for n, m in model.named_modules()
+               if n.endswith("weight_fake_quant"))
+    assert 32 < quantized_weight_max(int8) <= 64
+
+
+@pytest.mark.parametrize("kind", ["po2", "torch"])
+@pytest.mark.parametrize("target,limit", [("portable", 64), ("vnni", 128)])
+def test_target_bounds_the_integer_weights(kind, target, limit):
+    set_backend("x86")
+    torch.manual_seed(0)
+    prepared = prepare_ptq(build_resnet50(stem="imagenet").eval(),
+                           build_qconfig(kind=kind, backend="x86", target=target))
+    calibrate(prepared, loader(), batches=1, mean=MEAN, std=STD)
+    biggest = quantized_weight_max(convert(prepared))
+    assert limit // 2 < biggest <= limit
 
 
 def test_weights_load_through_prefixes_and_bad_files_are_explained(tmp_path):
