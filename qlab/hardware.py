@@ -110,7 +110,8 @@ def resolve_precision(precision: str | int, accelerator: str = "auto") -> str:
         if "bf16" in precision and not cuda and not native_cpu_bf16():
             warnings.warn(
                 f"trainer.precision={precision} on {cpu_model()}, which has no native bf16 "
-                f"(AVX512_BF16/AMX): bf16 is emulated here and about 10x slower than fp32. "
+                f"(AVX512_BF16/AMX){' within ONEDNN_MAX_CPU_ISA' if isa_limits() else ''}: "
+                f"bf16 is emulated here and about 10x slower than fp32. "
                 f"Use trainer.precision=auto (32-true on this CPU).", stacklevel=2)
         return precision
     if cuda:
