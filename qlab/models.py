@@ -1,4 +1,8 @@
-"""The quantizable ResNet-50: torchvision's QuantizableResNet with a CIFAR-sized stem."""
+"""The quantizable networks: torchvision's quantizable blocks with CIFAR-sized (32x32) stems.
+
+Each model has QuantStub/DeQuantStub, FloatFunctional skip adds and `fuse_model(is_qat)`, so the
+eager PTQ/QAT flow and the po2 qconfig apply to all of them unchanged.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,32 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.quantization.resnet import QuantizableBottleneck, QuantizableResNet
+from torch.ao.quantization import DeQuantStub, QuantStub
+from torchvision.models.quantization.mobilenetv2 import (
+    QuantizableInvertedResidual,
+    QuantizableMobileNetV2,
+)
+from torchvision.models.quantization.resnet import (
+    QuantizableBasicBlock,
+    QuantizableBottleneck,
+    QuantizableResNet,
+)
+from torchvision.models.quantization.utils import _fuse_modules, _replace_relu
 
 STEMS = ("cifar", "imagenet")
 
 
-def build_resnet50(
-    *, num_classes: int = 10, stem: str = "cifar", maxpool: bool = True,
-    zero_init_residual: bool = False,
-) -> QuantizableResNet:
-    """ResNet-50 with QuantStub/DeQuantStub, FloatFunctional add_relu and `fuse_model(is_qat)`."""
-    if stem not in STEMS:
-        raise ValueError(f"model.stem={stem!r} is not known; use one of {', '.join(STEMS)}.")
+def _check_classes(num_classes: int) -> None:
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes} must be at least 2.")
-    model = QuantizableResNet(QuantizableBottleneck, [3, 4, 6, 3], num_classes=num_classes,
+
+
+def _torchvision_resnet(block, layers: list[int], *, num_classes: int, stem: str, maxpool: bool,
+                        zero_init_residual: bool) -> QuantizableResNet:
+    if stem not in STEMS:
+        raise ValueError(f"model.stem={stem!r} is not known; use one of {', '.join(STEMS)}.")
+    _check_classes(num_classes)
+    model = QuantizableResNet(block, layers, num_classes=num_classes,
                               zero_init_residual=zero_init_residual)
     if stem == "cifar":
         # 32x32 inputs: a 7x7 stride-2 stem would throw away 3/4 of the pixels before layer1,
@@ -30,6 +45,99 @@ def build_resnet50(
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     if not maxpool:
         model.maxpool = nn.Identity()
+    return model
+
+
+def build_resnet50(
+    *, num_classes: int = 10, stem: str = "cifar", maxpool: bool = True,
+    zero_init_residual: bool = False,
+) -> QuantizableResNet:
+    """ResNet-50 with QuantStub/DeQuantStub, FloatFunctional add_relu and `fuse_model(is_qat)`."""
+    return _torchvision_resnet(QuantizableBottleneck, [3, 4, 6, 3], num_classes=num_classes,
+                               stem=stem, maxpool=maxpool, zero_init_residual=zero_init_residual)
+
+
+def build_resnet18(
+    *, num_classes: int = 10, stem: str = "cifar", maxpool: bool = False,
+    zero_init_residual: bool = False,
+) -> QuantizableResNet:
+    """torchvision's quantizable ResNet-18 (basic blocks); CIFAR stem, no maxpool by default."""
+    return _torchvision_resnet(QuantizableBasicBlock, [2, 2, 2, 2], num_classes=num_classes,
+                               stem=stem, maxpool=maxpool, zero_init_residual=zero_init_residual)
+
+
+class CifarResNet(nn.Module):
+    """He et al.'s CIFAR ResNet (6n+2 layers: three stages of n basic blocks, 16/32/64 channels),
+    built from torchvision's QuantizableBasicBlock with 1x1 projection shortcuts."""
+
+    def __init__(self, *, depth: int = 20, num_classes: int = 10,
+                 widths: Sequence[int] = (16, 32, 64), zero_init_residual: bool = False) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"model.depth={depth}: a CIFAR ResNet has 6n+2 layers (20, 32, 44, 56).")
+        _check_classes(num_classes)
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        blocks, inplanes = [], widths[0]
+        for i, width in enumerate(widths):
+            for j in range((depth - 2) // 6):
+                stride = 2 if i > 0 and j == 0 else 1
+                down = None
+                if stride != 1 or inplanes != width:
+                    down = nn.Sequential(nn.Conv2d(inplanes, width, 1, stride=stride, bias=False),
+                                         nn.BatchNorm2d(width))
+                blocks.append(QuantizableBasicBlock(inplanes, width, stride, down))
+                inplanes = width
+        self.layers = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, QuantizableBasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(self.quant(x))))
+        x = self.avgpool(self.layers(x)).flatten(1)
+        return self.dequant(self.fc(x))
+
+    def fuse_model(self, is_qat: bool | None = None) -> None:
+        """Conv-BN-ReLU of the stem, then each block's own triples (as torchvision's ResNet)."""
+        _fuse_modules(self, ["conv1", "bn1", "relu"], is_qat, inplace=True)
+        for m in self.modules():
+            if type(m) is QuantizableBasicBlock:
+                m.fuse_model(is_qat)
+
+
+def build_resnet20(
+    *, num_classes: int = 10, depth: int = 20, zero_init_residual: bool = False,
+) -> CifarResNet:
+    """ResNet-20 for 32x32 images (0.27 M parameters, 41 M multiply-accumulates per image)."""
+    return CifarResNet(depth=depth, num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
+# torchvision's MobileNetV2 setting (expansion t, channels c, blocks n, stride s) with the
+# 24-channel stage at stride 1 instead of 2; with the stem also at stride 1 (below) a 32x32
+# image is downsampled 8x in all (4x4 before pooling), instead of 32x (1x1).
+CIFAR_MOBILENET_V2 = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2],
+                      [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+
+
+def build_mobilenet_v2(*, num_classes: int = 10, width_mult: float = 1.0,
+                       dropout: float = 0.2) -> QuantizableMobileNetV2:
+    """torchvision's quantizable MobileNetV2 for 32x32 inputs: stem and 24-channel stage at
+    stride 1 (see CIFAR_MOBILENET_V2); ReLU6 becomes ReLU, as in torchvision's quantized model."""
+    _check_classes(num_classes)
+    model = QuantizableMobileNetV2(num_classes=num_classes, width_mult=width_mult, dropout=dropout,
+                                   inverted_residual_setting=CIFAR_MOBILENET_V2,
+                                   block=QuantizableInvertedResidual)
+    model.features[0][0].stride = (1, 1)
+    _replace_relu(model)
     return model
 
 

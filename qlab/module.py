@@ -129,6 +129,10 @@ class LitClassifier(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer=optimizer)
+        extra = {}
+        if getattr(self.scheduler_factory, "keywords", {}).get("total_steps", 0) is None:
+            # total_steps: null in the config (one-cycle): every optimizer step of this fit
+            extra["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, **extra)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
