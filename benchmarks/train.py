@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from qlab.augment import TrainAugment, mixup
 from qlab.data import synthetic_split
-from qlab.hardware import native_cpu_bf16
-from qlab.models import build_resnet50
+from qlab.hardware import native_cpu_bf16, resolve_precision
+from qlab.models import build_mobilenet_v2, build_resnet18, build_resnet20, build_resnet50
 from qlab.module import LitClassifier
 from qlab.quant.qat import QATCallback
 from qlab.quant.qconfig import build_qconfig
@@ -46,17 +46,23 @@ class StepClock(L.Callback):
             self.t1, self.steps = time.perf_counter(), self.steps + 1
 
 
-def make_lit(stem: str, channels_last: bool) -> LitClassifier:
+BUILDERS = {"resnet50": build_resnet50, "resnet20": build_resnet20, "mobilenet_v2": build_mobilenet_v2,
+            "resnet18": build_resnet18}
+
+
+def make_lit(stem: str, channels_last: bool, model: str = "resnet50") -> LitClassifier:
     torch.manual_seed(0)
+    net = build_resnet50(stem=stem, zero_init_residual=True) if model == "resnet50" else BUILDERS[model]()
     return LitClassifier(
-        model=build_resnet50(stem=stem, zero_init_residual=True),
+        model=net,
         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
         scheduler=None, num_classes=10, mean=MEAN, std=STD, augment=TrainAugment(mean=MEAN, std=STD),
         mixup_prob=0.5, channels_last=channels_last)
 
 
-def lightning_ips(loader, stem, precision, channels_last, warmup, steps, device, qat=False) -> float:
-    lit = make_lit(stem, channels_last)
+def lightning_ips(loader, stem, precision, channels_last, warmup, steps, device, qat=False,
+                  model="resnet50") -> float:
+    lit = make_lit(stem, channels_last, model)
     clock = StepClock(warmup)
     callbacks = [clock]
     if qat:
@@ -115,6 +121,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--stem", default="cifar")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--models", default="resnet50,resnet20,mobilenet_v2",
+                   help="architectures compared in one run (Lightning step, the precision "
+                        "trainer.precision=auto picks, channels_last, and fp32 QAT)")
+    p.add_argument("--models-only", action="store_true", help="only the architecture comparison")
     p.add_argument("--bf16", action="store_true",
                    help="also time bf16 on a CPU that only emulates it (about 10x slower than fp32)")
     args = p.parse_args()
@@ -122,6 +132,13 @@ def main() -> None:
     x, y = synthetic_split(num_images=n, num_classes=10, image_size=32, noise=0.1, seed=0,
                            split="train")
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=False, drop_last=True)
+    results = [] if args.models_only else recipe_configs(loader, args)
+    arch = compare_models(loader, args)
+    save("train", {"args": vars(args), "results": results, "models": arch})
+
+
+def recipe_configs(loader, args) -> list[dict]:
+    """The default model in each precision / memory format / QAT, Lightning vs a bare loop."""
     configs = [("fp32", "32", False, False), ("bf16-mixed", "bf16-mixed", False, False),
                ("fp32 channels_last", "32", True, False), ("bf16 channels_last", "bf16-mixed", True, False),
                ("QAT fp32 (fake-quant)", "32", False, True)]
@@ -145,7 +162,27 @@ def main() -> None:
                 f"{torch.get_num_threads()} threads ({args.steps} timed steps after {args.warmup})",
                 ["config", "Lightning img/s", "bare loop img/s", "framework overhead"], rows)
     print(f"\nQAT step time / FP32 step time: {fp32 / qat:.2f}x")
-    save("train", {"args": vars(args), "results": results, "qat_vs_fp32_step_time": fp32 / qat})
+    return results + [{"config": "QAT step time / FP32 step time", "ratio": fp32 / qat}]
+
+
+def compare_models(loader, args) -> list[dict]:
+    """Images/s of each architecture's training step in this one process, and against the first."""
+    precision = resolve_precision("auto", "cuda" if args.device == "cuda" else "cpu")
+    rows, out = [], []
+    for name in [m for m in args.models.split(",") if m]:
+        kw = dict(stem="cifar", channels_last=True, warmup=args.warmup, steps=args.steps,
+                  device=args.device, model=name)
+        ips = lightning_ips(loader, precision=precision, **kw)
+        qat = lightning_ips(loader, precision="32", qat=True, **(kw | {"channels_last": False}))
+        out.append({"model": name, "precision": precision, "images_per_s": ips,
+                    "qat_images_per_s": qat})
+        print(f"  {name}: {ips:.1f} img/s ({precision}), QAT {qat:.1f} img/s", flush=True)
+    for r in out:
+        ratio = r["images_per_s"] / out[0]["images_per_s"]
+        rows.append([r["model"], r["precision"], r["images_per_s"], f"{ratio:.2f}x", r["qat_images_per_s"]])
+    print_table(f"Training step by architecture, batch {args.batch}, {torch.get_num_threads()} threads",
+                ["model", "precision", "img/s", f"vs {out[0]['model']}", "QAT img/s (fp32)"], rows)
+    return out
 
 
 if __name__ == "__main__":
