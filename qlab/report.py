@@ -24,8 +24,8 @@ def _load_scripted(path: Path, engine: str) -> torch.jit.ScriptModule:
     """The exported model, refused if its INT8 results would be wrong on this CPU's kernels."""
     module, meta = artifacts.load_torchscript(path)
     # files from before the metadata existed: assume the full int8 weight range
-    int8 = meta.get("weight_max", 127 if path.name == "model_int8.pt" else 0)
-    check_int8_exact(int8, engine, str(path))
+    weight_max = meta.get("weight_max", 127 if path.name == "model_int8.pt" else 0)
+    check_int8_exact(weight_max, engine, str(path))
     try:
         return artifacts.freeze(module)
     except RuntimeError:  # exported frozen already

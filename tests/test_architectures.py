@@ -1,4 +1,5 @@
-"""ResNet-20, MobileNetV2 and ResNet-18: fusion, po2 PTQ and QAT, size, through the same code."""
+"""ResNet-20, MobileNetV2 and ResNet-18: po2 PTQ and QAT and size, through the same code
+(fusion: tests/test_models.py)."""
 
 import copy
 
@@ -36,24 +37,6 @@ def int8_scales(int8: nn.Module) -> list[torch.Tensor]:
             per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
             found.append(w.q_per_channel_scales() if per_channel else torch.tensor([w.q_scale()]))
     return found
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_fused_and_unfused_agree_in_eval(name):
-    torch.manual_seed(0)
-    model = MODELS[name][0]()
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, 3, 32, 32))  # non-trivial BN statistics for fusion to fold
-    model.eval()
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
-        model.fuse_model(is_qat=False)
-        fused = model(x)
-    assert ref.shape == (4, 10)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    torch.testing.assert_close(fused, ref, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -1,13 +1,20 @@
 import pytest
 import torch
 
-from qlab.models import Deployable, build_resnet50
+from qlab.models import Deployable, build_mobilenet_v2, build_resnet18, build_resnet20, build_resnet50
+
+FUSABLE = {
+    "resnet50-cifar": lambda: build_resnet50(stem="cifar", maxpool=True),
+    "resnet50-cifar-nomaxpool": lambda: build_resnet50(stem="cifar", maxpool=False),
+    "resnet50-imagenet": lambda: build_resnet50(stem="imagenet", maxpool=True),
+    "resnet20": build_resnet20, "mobilenet_v2": build_mobilenet_v2, "resnet18": build_resnet18,
+}
 
 
-@pytest.mark.parametrize("stem,maxpool", [("cifar", True), ("cifar", False), ("imagenet", True)])
-def test_fused_and_unfused_agree_in_eval(stem, maxpool):
+@pytest.mark.parametrize("name", FUSABLE)
+def test_fused_and_unfused_agree_in_eval(name):
     torch.manual_seed(0)
-    model = build_resnet50(num_classes=10, stem=stem, maxpool=maxpool)
+    model = FUSABLE[name]()
     # give BN non-trivial statistics so fusion actually folds something
     model.train()
     with torch.no_grad():
