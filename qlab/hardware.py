@@ -214,7 +214,7 @@ def hardware(**resolved) -> dict:
     if limits := isa_limits():
         info["isa_limits"] = limits
     engine = resolved.get("engine")
-    if engine and engine != "fp32" and engine in torch.backends.quantized.supported_engines:
+    if engine in _engines():
         info["int8_saturates"] = int8_saturates(engine)
     return info | resolved
 
