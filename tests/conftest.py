@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,11 @@ TINY = [
     "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "bench.runs=5",
     "bench.warmup=1", "optimizer.lr=0.05", "scheduler=cosine",
 ]
+
+# An AVX2-only CPU, reproduced on a newer x86 CPU by the kernels' own ISA switches.
+AVX2_ONLY = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "ATEN_CPU_CAPABILITY": "avx2"}
+X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def run_cli(script: str, *overrides: str, outputs: Path, check: bool = True,

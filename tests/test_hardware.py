@@ -2,7 +2,6 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import warnings
@@ -18,13 +17,9 @@ from qlab.errors import QlabError
 from qlab.hardware import PORTABLE_WEIGHT_MAX, check_int8_exact, int8_saturates, quantized_weight_max
 from qlab.quant.qconfig import build_qconfig, set_backend
 
-from conftest import ROOT
+from conftest import AVX2_ONLY, ROOT, X86
 
-# What an AVX2-only CPU runs, reproduced on a newer x86 CPU: the kernels' own ISA switches.
-AVX2_ONLY = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-             "ATEN_CPU_CAPABILITY": "avx2"}
-x86_only = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                              reason="the int8 saturation is an x86 matter")
+x86_only = pytest.mark.skipif(not X86, reason="the int8 saturation is an x86 matter")
 
 
 class OneConv(nn.Module):

@@ -1,14 +1,13 @@
 """fp32 -> ptq -> qat -> report through the real entry points, on tiny synthetic data."""
 
 import json
-import platform
 
 import pytest
 import torch
 
 from qlab.hardware import resolve_engine
 
-from conftest import TINY, read_metrics, run_cli
+from conftest import AVX2_ONLY, TINY, X86, read_metrics, run_cli
 
 QUICK = [*TINY, "quant.calib_batches=2"]
 
@@ -73,12 +72,11 @@ def test_ptq_qat_report(fp32_run):
     assert (fp32_run / "q" / "report.png").is_file() and (fp32_run / "q" / "report.md").is_file()
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 kernels")
+@pytest.mark.skipif(not X86, reason="x86 kernels")
 def test_full_int8_weights_are_refused_where_the_kernels_saturate(fp32_run):
     # an AVX2-only CPU, reproduced here by the kernels' ISA switches: 8-bit weights would
     # overflow int16 pair sums, so PTQ with quant.target=vnni stops before writing a wrong model
-    avx2 = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-            "ATEN_CPU_CAPABILITY": "avx2"}
+    avx2 = AVX2_ONLY
     proc = run_cli("quantize.py", "stage=ptq", "name=q", "quant.target=vnni", "tag=-vnni", *QUICK,
                    outputs=fp32_run, env=avx2, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
