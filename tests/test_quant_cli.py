@@ -121,3 +121,44 @@ def test_ptq_bad_inputs(tmp_path):
         proc = run_cli("quantize.py", "stage=ptq", "name=x", f"fp32_ckpt={tmp_path}/ok.pt", *QUICK,
                        bad, outputs=tmp_path, check=False, timeout=180)
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-1500:]
+
+
+def test_integer_stage_from_ptq_and_qat(fp32_run):
+    """stage=integer writes model.json/weights.npz/verify.json, bit-exact with model_int8.pt."""
+    for stage, script in (("ptq", "quantize.py"), ("qat", "train.py")):
+        if not (fp32_run / "q" / stage / "metrics.json").is_file():
+            run_cli(script, f"stage={stage}", "name=q", *QUICK, outputs=fp32_run)
+        proc = run_cli("quantize.py", "stage=integer", "name=q", f"from={stage}", *QUICK,
+                       outputs=fp32_run)
+        out = fp32_run / "q" / stage / "integer"
+        v = read_metrics(out / "verify.json")
+        assert v["images"] == 64 and v["identical_logits_fraction"] == 1.0, v["first_mismatch"]
+        assert v["top1_agreement"] == 1.0 and v["first_mismatch"] is None
+        assert v["accuracy"] == v["torch_accuracy"] == pytest.approx(
+            read_metrics(fp32_run / "q" / stage / "metrics.json")["accuracy"])
+        assert v["rounding"] == "half_even" and v["biases_off_grid"] == []
+        assert all(0 < r["acc_bits"] <= 32 for r in v["layers"]) and v["seconds"] > 0
+        spec = json.loads((out / "model.json").read_text())
+        assert spec["source"]["stage"] == stage and spec["ops"][0]["op"] == "quantize_input"
+        assert (out / "weights.npz").is_file() and "identical logits 1.0000" in proc.stdout
+    # another rounding rule runs, and verify.json says how far it is from torch's kernels
+    run_cli("quantize.py", "stage=integer", "name=q", "from=ptq", "integer.rounding=floor",
+            *QUICK, outputs=fp32_run)
+    v = read_metrics(fp32_run / "q" / "ptq" / "integer" / "verify.json")
+    assert v["rounding"] == "floor" and v["identical_logits_fraction"] < 1.0
+    assert v["first_mismatch"]["op"] is not None and v["first_mismatch"]["max_abs_diff"] >= 1
+
+
+def test_integer_stage_refusals(fp32_run):
+    if not (fp32_run / "q" / "ptq-torch" / "metrics.json").is_file():
+        run_cli("quantize.py", "stage=ptq", "name=q", "quant=torch", "tag=-torch", *QUICK,
+                outputs=fp32_run)
+    for source, message in (("ptq-torch", "not a power of two"), ("nowhere", "from= must name"),
+                            ("fp32", "is not an INT8 stage")):
+        proc = run_cli("quantize.py", "stage=integer", "name=q", f"from={source}", *QUICK,
+                       outputs=fp32_run, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert message in proc.stderr
+    proc = run_cli("quantize.py", "stage=integer", "name=q", "integer.rounding=nearest", *QUICK,
+                   outputs=fp32_run, check=False)
+    assert proc.returncode == 2 and "half_even, half_up, half_away, floor" in proc.stderr

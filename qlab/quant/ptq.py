@@ -20,6 +20,7 @@ from qlab.data import ImageDataModule
 from qlab.errors import QlabError
 from qlab.evaluate import evaluate
 from qlab.hardware import check_int8_exact, quantized_for, quantized_weight_max, resolve_config
+from qlab.integer.export import snap_biases
 from qlab.models import Normalize
 from qlab.quant.qconfig import build_qconfig, set_backend
 from qlab.quant.scales import scale_table, write_scale_table
@@ -116,7 +117,10 @@ def finish_int8(cfg: DictConfig, *, stage: str, prepared: nn.Module, dm: ImageDa
     prepared = copy.deepcopy(prepared).cpu().eval()
     summary = write_scale_table(out, scale_table(prepared), max_shift=cfg.quant.max_shift)
     int8 = convert(prepared, inplace=False)
-    record = int8_record(int8, cfg)
+    # biases on the int32 accumulator grid: what integer hardware adds, and what makes torch's
+    # model compute exactly the shift-requantized integer model (stage=integer)
+    snapped = snap_biases(int8, torch.zeros(1, len(dm.mean), dm.image_size, dm.image_size))
+    record = int8_record(int8, cfg) | {"biases_snapped": snapped}
     check_int8_exact(record["weight_max"], record["engine"], f"The {stage} INT8 model")
     result = evaluate(int8, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
                       std=dm.std, label_smoothing=cfg.module.label_smoothing)

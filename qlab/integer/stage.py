@@ -1,0 +1,211 @@
+"""`quantize.py stage=integer from=STAGE`: write the integer model of an INT8 stage and verify the
+reference executor against torch's exported model on the whole test split."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.ao.quantization import convert, prepare
+from tqdm import tqdm
+
+from qlab import artifacts
+from qlab.errors import QlabError
+from qlab.hardware import check_int8_exact, resolve_config
+from qlab.integer.export import _Record, to_integer, trace, write_integer
+from qlab.integer.reference import IntegerModel
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def zero_point_order(engine: str) -> dict[str, str]:
+    """Where the current engine adds the output zero point of a quantized conv and linear: after
+    rounding (fbgemm: round(acc / 2^k) + zp) or before it (oneDNN: round(acc / 2^k + zp)).
+
+    Asked of the kernels: acc = 1 and 3 at output scale 2 and zero point 1 are ties; `after`
+    gives 1 and 3, `before` 2 and 2. Kernels that do neither get `after` (then verify.json
+    shows where they differ)."""
+    import torch.ao.nn.quantized as nnq
+
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        w = torch.quantize_per_tensor(torch.ones(1, 1), 1.0, 0, torch.qint8)
+        x = torch.quantize_per_tensor(torch.tensor([[1.0], [3.0]]), 1.0, 0, torch.quint8)
+        conv, linear = nnq.Conv2d(1, 1, 1), nnq.Linear(1, 1)
+        conv.set_weight_bias(w.view(1, 1, 1, 1), None)
+        linear.set_weight_bias(w, None)
+        orders = {}
+        for kind, mod, inp in (("conv", conv, x.view(2, 1, 1, 1)), ("linear", linear, x)):
+            mod.scale, mod.zero_point = 2.0, 1
+            got = mod(inp).int_repr().flatten().tolist()
+            orders[kind] = "before" if got == [2, 2] else "after"
+        return orders
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def stage_metrics(stage_dir: Path) -> dict:
+    """metrics.json of an INT8 stage folder, or a clear error."""
+    path = stage_dir / "metrics.json"
+    if not path.is_file():
+        raise QlabError(f"{path} does not exist: from= must name an INT8 stage folder of this run "
+                        f"(ptq, qat, ptq-ceil, ...) that has finished.")
+    metrics = json.loads(path.read_text())
+    if "int8" not in metrics or not (stage_dir / "model_int8_state_dict.pt").is_file():
+        raise QlabError(f"{stage_dir} is not an INT8 stage (no int8 record or "
+                        f"model_int8_state_dict.pt); use from=ptq, from=qat or a tagged variant.")
+    return metrics
+
+
+def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
+    """The converted eager INT8 model of a stage: its architecture, fused, prepared and converted
+    on the current engine, then its saved state_dict (weights, biases, scales) loaded."""
+    from qlab.quant.ptq import qconfig_from_cfg
+
+    model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
+    model.eval().fuse_model(is_qat=False)
+    model.qconfig = qconfig_from_cfg(OmegaConf.create(metrics["quant"]), qat=False)
+    with warnings.catch_warnings():  # observers that never ran: their qparams are overwritten
+        warnings.simplefilter("ignore")
+        int8 = convert(prepare(model), inplace=False)
+    state = torch.load(stage_dir / "model_int8_state_dict.pt", map_location="cpu", weights_only=False)
+    int8.load_state_dict(state)
+    return int8.eval()
+
+
+@torch.inference_mode()
+def intermediates(int8: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """Every quantized tensor of the eager model for normalized input x, by fx node name."""
+    rec = _Record(trace(int8))
+    rec.run(x)
+    return {k: v.int_repr() for k, v in rec.values.items()
+            if isinstance(v, Tensor) and v.is_quantized}
+
+
+def first_mismatch(ref: IntegerModel, int8: nn.Module, pixels: Tensor, normalized: Tensor) -> dict:
+    """The first op (execution order) whose output differs between the reference and torch."""
+    _, mine = ref.run(pixels, keep=True)
+    theirs = intermediates(int8, normalized)
+    for op in ref.spec["ops"]:
+        a, b = mine[op["output"]].to(torch.int64), theirs[op["output"]].to(torch.int64)
+        if a.shape != b.shape:
+            return {"op": op["name"], "kind": op["op"], "shape": [list(a.shape), list(b.shape)]}
+        diff = (a - b).abs()
+        if diff.any():
+            return {"op": op["name"], "kind": op["op"], "elements": int((diff > 0).sum()),
+                    "of": int(diff.numel()), "max_abs_diff": int(diff.max()),
+                    "images": int((diff.flatten(1) > 0).any(1).sum()), "of_images": len(pixels)}
+    return {"op": None, "note": "every intermediate tensor agrees; the outputs differ after the "
+                                "eager model (TorchScript export)"}
+
+
+def layer_table(ref: IntegerModel) -> list[dict]:
+    """Per op with an accumulator: largest |acc| seen, the bits it needs, its shift."""
+    bits = ref.acc_bits()
+    return [{"op": op["name"], "kind": op["op"], "max_abs_acc": ref.acc_max[op["name"]],
+             "acc_bits": bits[op["name"]], "shift": op.get("shift")}
+            for op in ref.spec["ops"] if op["name"] in ref.acc_max]
+
+
+def verify(ref: IntegerModel, scripted, int8: nn.Module, loader, *, mean, std,
+           limit: int | None = None) -> dict:
+    """Reference vs torch's TorchScript model over `loader`: identical logits, agreement, time."""
+    from qlab.models import Normalize
+
+    normalize = Normalize(mean, std)
+    n = same = agree = ref_correct = torch_correct = 0
+    seconds = torch_seconds = 0.0
+    mismatch = None
+    total = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
+    with tqdm(total=total, desc="integer reference", unit="img", dynamic_ncols=True) as bar:
+        for pixels, labels in loader:
+            if n >= total:
+                break
+            pixels, labels = pixels[: total - n], labels[: total - n]
+            t0 = time.perf_counter()
+            codes, _ = ref.run(pixels)
+            seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                theirs = scripted(pixels.float().div_(255.0)).double()
+            torch_seconds += time.perf_counter() - t0
+            mine = ref.dequantize(codes)
+            equal = (mine == theirs).all(dim=1)
+            same += int(equal.sum())
+            agree += int((mine.argmax(1) == theirs.argmax(1)).sum())
+            ref_correct += int((mine.argmax(1) == labels).sum())
+            torch_correct += int((theirs.argmax(1) == labels).sum())
+            if mismatch is None and not bool(equal.all()):
+                bad = (~equal).nonzero().flatten()
+                mismatch = first_mismatch(ref, int8, pixels[bad],
+                                          normalize(pixels[bad].float().div_(255.0)))
+                mismatch["logit_max_abs_diff"] = float((mine - theirs)[bad].abs().max())
+            n += len(labels)
+            bar.update(len(labels))
+    return {"images": n, "identical_logits_fraction": same / max(n, 1),
+            "top1_agreement": agree / max(n, 1), "accuracy": 100.0 * ref_correct / max(n, 1),
+            "torch_accuracy": 100.0 * torch_correct / max(n, 1), "first_mismatch": mismatch,
+            "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
+            "torch_seconds": torch_seconds}
+
+
+def run_integer(cfg: DictConfig) -> dict:
+    """outputs/<name>/<from>/integer/: model.json, weights.npz, verify.json."""
+    from qlab.quant.qconfig import set_backend
+    from qlab.stages import build_datamodule, output_dir
+
+    source = str(cfg["from"])
+    stage_dir = Path(cfg.outputs_dir) / cfg.name / source
+    metrics = stage_metrics(stage_dir)
+    out = output_dir()
+    hw = resolve_config(cfg, trains=False)
+    engine = set_backend(cfg.quant.backend)
+    record = metrics["int8"]
+    check_int8_exact(record["weight_max"], engine, f"The {source} INT8 model")
+    dm = build_datamodule(cfg)
+    if list(dm.classes) != list(metrics["classes"]):
+        raise QlabError(f"The data has classes {dm.classes}, the {source} model was trained on "
+                        f"{metrics['classes']}: pass the same data= options as that run.")
+    dm.setup()
+    int8 = rebuild_int8(stage_dir, metrics)
+    spec, arrays = to_integer(int8, mean=metrics["mean"], std=metrics["std"],
+                              image_size=dm.image_size, max_shift=metrics["quant"]["max_shift"])
+    off_grid = [op["name"] for op in spec["ops"] if op.get("bias_on_grid") is False]
+    if off_grid:
+        log.warning("%d biases of %s are not on the accumulator grid (the model was exported "
+                    "before biases were snapped): torch's model differs from the integer model "
+                    "there. Re-run the %s stage to export a matching model_int8.pt.",
+                    len(off_grid), source, source)
+    write_integer(out, spec, arrays, extra={"source": {
+        "run": cfg.name, "stage": source, "accuracy": metrics.get("accuracy"),
+        "model": metrics["model"], "int8": record, "classes": metrics["classes"]}})
+    order = cfg.integer.zero_point
+    order = zero_point_order(engine) if order == "auto" else str(order)
+    ref = IntegerModel.load(out, rounding=cfg.integer.rounding, gemm=cfg.integer.gemm,
+                            zero_point=order)
+    scripted, _ = artifacts.load_torchscript(stage_dir / "model_int8.pt")
+    loader = dm._loader("test", shuffle=False, batch_size=cfg.integer.batch_size)
+    result = verify(ref, scripted, int8, loader, mean=metrics["mean"], std=metrics["std"],
+                    limit=cfg.integer.limit_images)
+    layers = layer_table(ref)
+    result |= {"rounding": ref.rounding, "gemm": ref.gemm, "engine": engine,
+               "zero_point": ref.zero_point,
+               "biases_off_grid": off_grid, "stage_accuracy": metrics.get("accuracy"),
+               "max_acc_bits": max((r["acc_bits"] for r in layers), default=0),
+               "layers": layers, "hardware": hw, "source": str(stage_dir)}
+    artifacts.write_json(out / "verify.json", result)
+    log.info("integer %s: %d images, identical logits %.4f, top-1 agreement %.4f, accuracy "
+             "%.2f%% (torch %.2f%%), %.1f s", source, result["images"],
+             result["identical_logits_fraction"], result["top1_agreement"], result["accuracy"],
+             result["torch_accuracy"], result["seconds"])
+    return result
+
