@@ -11,11 +11,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## FP32 -> PTQ -> QAT -> report on the offline synthetic data (outputs/demo/)
+demo: $(STAMP)  ## FP32 -> PTQ -> QAT -> report -> integer model, on the offline synthetic data (outputs/demo/)
 	$(PY) train.py stage=fp32 experiment=demo name=demo overwrite=true
 	$(PY) quantize.py stage=ptq experiment=demo name=demo
 	$(PY) train.py stage=qat experiment=demo name=demo overwrite=true
 	$(PY) quantize.py stage=report experiment=demo name=demo
+	$(PY) quantize.py stage=integer experiment=demo name=demo from=qat
 
 test: $(STAMP)  ## fast tests, then the 2-process DDP tests, the slow ones and the real-image ones
 	$(PY) -m pytest -q
@@ -34,6 +35,7 @@ bench: $(STAMP)  ## speed tables (benchmarks/results/*.json); QUICK=1 for fewer 
 	$(PY) benchmarks/train.py $(if $(QUICK),--steps 3,)
 	$(PY) benchmarks/augment.py $(if $(QUICK),--images 1024,)
 	$(PY) benchmarks/ptq_cost.py $(if $(QUICK),--calib-batches 4,)
+	$(PY) benchmarks/integer.py $(if $(QUICK),--images 1000,)
 
 gpu-check: $(STAMP)  ## CUDA only: short FP32 -> PTQ -> QAT -> report on every GPU (outputs/gpu-check/)
 	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make gpu-check needs a CUDA GPU; torch.cuda.is_available() is False here.')"

@@ -273,8 +273,8 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False, batch_size=self.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
+    def test_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        return self._loader("test", shuffle=False, batch_size=batch_size or self.eval_batch_size)
 
     def calib_dataloader(self) -> DataLoader:
         """Training images, shuffled with a fixed seed and not augmented, for PTQ calibration."""

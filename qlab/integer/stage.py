@@ -193,7 +193,7 @@ def run_integer(cfg: DictConfig) -> dict:
     ref = IntegerModel.load(out, rounding=cfg.integer.rounding, gemm=cfg.integer.gemm,
                             zero_point=order)
     scripted, _ = artifacts.load_torchscript(stage_dir / "model_int8.pt")
-    loader = dm._loader("test", shuffle=False, batch_size=cfg.integer.batch_size)
+    loader = dm.test_dataloader(batch_size=cfg.integer.batch_size)
     result = verify(ref, scripted, int8, loader, mean=metrics["mean"], std=metrics["std"],
                     limit=cfg.integer.limit_images)
     layers = layer_table(ref)
