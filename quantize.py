@@ -4,9 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from qlab.cli import run_stage
-from qlab.integer.stage import run_integer
-from qlab.quant.ptq import run_ptq
-from qlab.report import run_report
+from qlab.stages import run_integer, run_ptq, run_report
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="quantize")

@@ -59,7 +59,7 @@ def main() -> None:
 
     from qlab.integer.export import to_integer, write_integer
     from qlab.integer.reference import IntegerModel
-    from qlab.integer.stage import zero_point_order
+    from qlab.integer.verify import zero_point_order
     from qlab.models import Normalize
     from qlab.quant.qconfig import set_backend
 

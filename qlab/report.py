@@ -7,11 +7,16 @@ import logging
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from qlab import artifacts
 from qlab.bench import measure_latency
+from qlab.checkpoint import load_fp32_weights
+from qlab.errors import QlabError
 from qlab.hardware import check_int8_exact, resolve_config
+from qlab.models import Deployable
+from qlab.quant.qconfig import set_backend
 
 log = logging.getLogger(__name__)
 STAGES = ("fp32", "ptq", "qat")
@@ -34,10 +39,6 @@ def _load_scripted(path: Path, engine: str) -> torch.jit.ScriptModule:
 
 def _fp32_eager(run_dir: Path, m: dict) -> torch.nn.Module | None:
     """The FP32 model as plain eager PyTorch, rebuilt from its config and state_dict."""
-    from hydra.utils import instantiate
-
-    from qlab.checkpoint import load_fp32_weights
-    from qlab.models import Deployable
 
     weights = run_dir / "model_fp32_state_dict.pt"
     if not weights.is_file() or not m.get("model"):
@@ -141,12 +142,8 @@ def run_report(cfg: DictConfig) -> dict:
         if (d / "metrics.json").is_file():
             found[d.name] = json.loads((d / "metrics.json").read_text())
     if not found:
-        from qlab.errors import QlabError
-
         raise QlabError(f"Nothing to report under {run}: run `python train.py stage=fp32 "
                         f"name={cfg.name}` (then quantize.py stage=ptq, train.py stage=qat) first.")
-    from qlab.quant.qconfig import set_backend
-
     hw = resolve_config(cfg, trains=False)
     set_backend(cfg.quant.backend)  # INT8 weights are repacked for this engine when loaded
     latency = remeasure_latency(run, found, cfg)

@@ -16,7 +16,7 @@ from torch.ao.quantization import convert, prepare
 from qlab.errors import QlabError
 from qlab.integer.export import snap_biases, to_integer, write_integer
 from qlab.integer.reference import IntegerModel, shift_round
-from qlab.integer.stage import zero_point_order
+from qlab.integer.verify import zero_point_order
 from qlab.models import Normalize, build_mobilenet_v2, build_resnet20, build_resnet50
 from qlab.quant.qconfig import build_qconfig
 
@@ -218,7 +218,7 @@ def test_bit_exact_against_torch(tmp_path, build, per_channel):
 
 
 def test_biases_off_the_grid_show_where_torch_differs(tmp_path):
-    from qlab.integer.stage import first_mismatch
+    from qlab.integer.verify import first_mismatch
 
     int8 = _int8(build_resnet20)  # not snapped: fbgemm adds b / (s_in s_w) unrounded
     ref = _export(int8, tmp_path)
@@ -253,7 +253,7 @@ def test_bit_exact_where_the_kernels_are_limited_to_avx2():
         "from test_integer import _int8, _export, _pixels, _normalized\n"
         "from qlab.integer.export import snap_biases\n"
         "from qlab.hardware import resolve_engine\n"
-        "from qlab.integer.stage import zero_point_order\n"
+        "from qlab.integer.verify import zero_point_order\n"
         "engine = resolve_engine('auto')\n"
         "int8 = _int8(__import__('qlab.models').models.build_resnet20, engine=engine)\n"
         "snap_biases(int8, torch.zeros(1, 3, 32, 32))\n"

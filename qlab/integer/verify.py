@@ -1,28 +1,26 @@
-"""`quantize.py stage=integer from=STAGE`: write the integer model of an INT8 stage and verify the
-reference executor against torch's exported model on the whole test split."""
+"""Checking the integer model against torch: the stage's INT8 model rebuilt, the engine's rounding
+order, layer-by-layer comparison, the whole-split verification behind verify.json."""
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 import warnings
 from pathlib import Path
 
 import torch
+import torch.ao.nn.quantized as nnq
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.ao.quantization import convert, prepare
 from tqdm import tqdm
 
-from qlab import artifacts
 from qlab.errors import QlabError
-from qlab.hardware import check_int8_exact, resolve_config
-from qlab.integer.export import _Record, to_integer, trace, write_integer
+from qlab.integer.export import _Record, trace
 from qlab.integer.reference import IntegerModel
-
-log = logging.getLogger(__name__)
+from qlab.models import Normalize
+from qlab.quant.ptq import qconfig_from_cfg
 
 
 @torch.inference_mode()
@@ -33,8 +31,6 @@ def zero_point_order(engine: str) -> dict[str, str]:
     Asked of the kernels: acc = 1 and 3 at output scale 2 and zero point 1 are ties; `after`
     gives 1 and 3, `before` 2 and 2. Kernels that do neither get `after` (then verify.json
     shows where they differ)."""
-    import torch.ao.nn.quantized as nnq
-
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:
@@ -69,8 +65,6 @@ def stage_metrics(stage_dir: Path) -> dict:
 def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
     """The converted eager INT8 model of a stage: its architecture, fused, prepared and converted
     on the current engine, then its saved state_dict (weights, biases, scales) loaded."""
-    from qlab.quant.ptq import qconfig_from_cfg
-
     model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
     model.eval().fuse_model(is_qat=False)
     model.qconfig = qconfig_from_cfg(OmegaConf.create(metrics["quant"]), qat=False)
@@ -119,8 +113,6 @@ def layer_table(ref: IntegerModel) -> list[dict]:
 def verify(ref: IntegerModel, scripted, int8: nn.Module, loader, *, mean, std,
            limit: int | None = None) -> dict:
     """Reference vs torch's TorchScript model over `loader`: identical logits, agreement, time."""
-    from qlab.models import Normalize
-
     normalize = Normalize(mean, std)
     n = same = agree = ref_correct = torch_correct = 0
     seconds = torch_seconds = 0.0
@@ -156,56 +148,3 @@ def verify(ref: IntegerModel, scripted, int8: nn.Module, loader, *, mean, std,
             "torch_accuracy": 100.0 * torch_correct / max(n, 1), "first_mismatch": mismatch,
             "seconds": seconds, "images_per_s": n / max(seconds, 1e-9),
             "torch_seconds": torch_seconds}
-
-
-def run_integer(cfg: DictConfig) -> dict:
-    """outputs/<name>/<from>/integer/: model.json, weights.npz, verify.json."""
-    from qlab.quant.qconfig import set_backend
-    from qlab.stages import build_datamodule, output_dir
-
-    source = str(cfg["from"])
-    stage_dir = Path(cfg.outputs_dir) / cfg.name / source
-    metrics = stage_metrics(stage_dir)
-    out = output_dir()
-    hw = resolve_config(cfg, trains=False)
-    engine = set_backend(cfg.quant.backend)
-    record = metrics["int8"]
-    check_int8_exact(record["weight_max"], engine, f"The {source} INT8 model")
-    dm = build_datamodule(cfg)
-    if list(dm.classes) != list(metrics["classes"]):
-        raise QlabError(f"The data has classes {dm.classes}, the {source} model was trained on "
-                        f"{metrics['classes']}: pass the same data= options as that run.")
-    dm.setup()
-    int8 = rebuild_int8(stage_dir, metrics)
-    spec, arrays = to_integer(int8, mean=metrics["mean"], std=metrics["std"],
-                              image_size=dm.image_size, max_shift=metrics["quant"]["max_shift"])
-    off_grid = [op["name"] for op in spec["ops"] if op.get("bias_on_grid") is False]
-    if off_grid:
-        log.warning("%d biases of %s are not on the accumulator grid (the model was exported "
-                    "before biases were snapped): torch's model differs from the integer model "
-                    "there. Re-run the %s stage to export a matching model_int8.pt.",
-                    len(off_grid), source, source)
-    write_integer(out, spec, arrays, extra={"source": {
-        "run": cfg.name, "stage": source, "accuracy": metrics.get("accuracy"),
-        "model": metrics["model"], "int8": record, "classes": metrics["classes"]}})
-    order = cfg.integer.zero_point
-    order = zero_point_order(engine) if order == "auto" else str(order)
-    ref = IntegerModel.load(out, rounding=cfg.integer.rounding, gemm=cfg.integer.gemm,
-                            zero_point=order)
-    scripted, _ = artifacts.load_torchscript(stage_dir / "model_int8.pt")
-    loader = dm.test_dataloader(batch_size=cfg.integer.batch_size)
-    result = verify(ref, scripted, int8, loader, mean=metrics["mean"], std=metrics["std"],
-                    limit=cfg.integer.limit_images)
-    layers = layer_table(ref)
-    result |= {"rounding": ref.rounding, "gemm": ref.gemm, "engine": engine,
-               "zero_point": ref.zero_point,
-               "biases_off_grid": off_grid, "stage_accuracy": metrics.get("accuracy"),
-               "max_acc_bits": max((r["acc_bits"] for r in layers), default=0),
-               "layers": layers, "hardware": hw, "source": str(stage_dir)}
-    artifacts.write_json(out / "verify.json", result)
-    log.info("integer %s: %d images, identical logits %.4f, top-1 agreement %.4f, accuracy "
-             "%.2f%% (torch %.2f%%), %.1f s", source, result["images"],
-             result["identical_logits_fraction"], result["top1_agreement"], result["accuracy"],
-             result["torch_accuracy"], result["seconds"])
-    return result
-

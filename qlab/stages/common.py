@@ -1,10 +1,9 @@
-"""Stage functions: each composes objects from the config, runs, and writes outputs/<name>/<stage>/."""
+"""What every stage builds from the config: output folder, data, model, Lightning objects."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -16,11 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from qlab import artifacts
-from qlab.bench import measure_latency
 from qlab.data import ImageDataModule
 from qlab.errors import QlabError
-from qlab.hardware import resolve_config
-from qlab.models import Deployable
 from qlab.module import LitClassifier
 
 
@@ -119,13 +115,8 @@ def fit_and_test(trainer: L.Trainer, lit: LitClassifier, dm: ImageDataModule,
 
 
 def export(model: torch.nn.Module, dm: ImageDataModule) -> torch.jit.ScriptModule:
-    """Frozen TorchScript of Deployable(model): float [0,1] NCHW in, logits out, on CPU.
-
-    Frozen (weights folded in as constants): same outputs as the eager model, and the fastest
-    form measured by benchmarks/inference.py (INT8 eager 3.3-4.3 ms vs frozen 1.7-2.9 ms)."""
-    with warnings.catch_warnings():  # TorchScript is deprecated upstream but is what loads anywhere
-        warnings.simplefilter("ignore", FutureWarning)
-        return artifacts.freeze(torch.jit.script(Deployable(model.eval().cpu(), dm.mean, dm.std)))
+    """Frozen TorchScript of the model with dm's normalization inside (see torchscript_of)."""
+    return artifacts.torchscript_of(model, dm.mean, dm.std)
 
 
 def base_metrics(cfg: DictConfig, stage: str, dm: ImageDataModule, out: Path) -> dict:
@@ -143,74 +134,6 @@ def base_metrics(cfg: DictConfig, stage: str, dm: ImageDataModule, out: Path) ->
     }
 
 
-def run_fp32(cfg: DictConfig) -> dict | None:
-    """Train FP32, test the best checkpoint, export model_fp32.pt and write the stage's files."""
-    out = output_dir()
-    ckpt_path = resume_path(cfg, out)
-    L.seed_everything(cfg.seed, workers=True)
-    hw = resolve_config(cfg, trains=True)
-    dm = build_datamodule(cfg)
-    lit = build_lit(cfg, build_model(cfg, dm.num_classes), dm)
-    trainer = build_trainer(cfg)
-    result = fit_and_test(trainer, lit, dm, ckpt_path)
-    if not trainer.is_global_zero:
-        return None
-    model = lit.model.eval().cpu()
-    size_mb = artifacts.save_state_dict(out / "model_fp32_state_dict.pt", model)
-    scripted = export(model, dm)
-    artifacts.save_torchscript(out / "model_fp32.pt", scripted, meta={"hardware": hw})
-    latency = measure_latency(scripted, **_bench_args(cfg, dm))
-    artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "FP32")
-    confmat = result.pop("confmat")
-    artifacts.save_confusion(out / "confusion_matrix.png", confmat, dm.classes,
-                             f"FP32 test ({result['accuracy']:.2f}%)")
-    metrics = base_metrics(cfg, "fp32", dm, out) | result | {
-        "confusion_matrix": confmat.tolist(),
-        "size_mb": size_mb,
-        "latency": latency,
-        "backend": "fp32",
-        "precision": str(cfg.trainer.precision),
-        "hardware": hw,
-    }
-    artifacts.write_json(out / "metrics.json", metrics)
-    return metrics
-
-
-def _bench_args(cfg: DictConfig, dm: ImageDataModule) -> dict:
+def bench_args(cfg: DictConfig, dm: ImageDataModule) -> dict:
     return {"runs": cfg.bench.runs, "warmup": cfg.bench.warmup, "threads": cfg.bench.threads,
             "image_size": dm.image_size}
-
-
-def run_qat(cfg: DictConfig) -> dict | None:
-    """Fine-tune the FP32 weights with po2 fake-quant, then convert a CPU copy to INT8."""
-    from qlab.quant.ptq import finish_int8, fp32_model_config, fp32_weights_path, qconfig_from_cfg
-    from qlab.quant.qat import QATCallback
-    from qlab.quant.qconfig import set_backend
-
-    out = output_dir()
-    ckpt_path = resume_path(cfg, out)
-    L.seed_everything(cfg.seed, workers=True)
-    hw = resolve_config(cfg, trains=True)
-    set_backend(cfg.quant.backend)
-    dm = build_datamodule(cfg)
-    weights, fp32_metrics = fp32_weights_path(cfg)
-    model_cfg = fp32_model_config(cfg, fp32_metrics)
-    model = instantiate(model_cfg, num_classes=dm.num_classes)
-    qat = cfg.quant.qat
-    callback = QATCallback(qconfig=qconfig_from_cfg(cfg.quant, qat=True), fp32_weights=weights,
-                           freeze_observer_epoch=qat.freeze_observer_epoch,
-                           freeze_bn_epoch=qat.freeze_bn_epoch)
-    lit = build_lit(cfg, model, dm)
-    trainer = build_trainer(cfg, [callback])
-    result = fit_and_test(trainer, lit, dm, ckpt_path)
-    if not trainer.is_global_zero:
-        return None
-    artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "QAT (fake-quant)")
-    result.pop("confmat")
-    extra = {f"fake_quant_{k}": result.pop(k) for k in ("accuracy", "loss")} | result | {
-        "fp32_weights": str(weights),
-        "model": OmegaConf.to_container(model_cfg, resolve=True),
-        "precision": str(cfg.trainer.precision),
-        "hardware": hw,
-    }
-    return finish_int8(cfg, stage="qat", prepared=lit.model, dm=dm, out=out, extra=extra)

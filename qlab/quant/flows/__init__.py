@@ -1,0 +1,21 @@
+"""Quantization flows behind one interface: the ptq and qat stages call only these methods.
+
+A flow turns an FP32 network into an INT8 one (prepare -> calibrate or train -> convert) and
+writes the INT8 artifacts (export). `quant.flow` picks one; a new flow is one more file here
+and one entry in FLOWS.
+"""
+
+from __future__ import annotations
+
+from qlab.errors import QlabError
+from qlab.quant.flows.base import Flow
+from qlab.quant.flows.eager import EagerFlow
+
+FLOWS: dict[str, type[Flow]] = {"eager": EagerFlow}
+
+
+def get_flow(name: str) -> Flow:
+    """The flow called `name` (quant.flow)."""
+    if name not in FLOWS:
+        raise QlabError(f"quant.flow={name!r} is not known; use one of {', '.join(FLOWS)}.")
+    return FLOWS[name]()

@@ -1,0 +1,53 @@
+"""The eager flow (torch.ao.quantization): fuse modules, observers or fake-quant from the qlab
+qconfig, convert to quantized modules run by fbgemm/x86/onednn/qnnpack, TorchScript artifact."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.ao.quantization import convert
+
+from qlab import artifacts
+from qlab.hardware import quantized_weight_max
+from qlab.integer.export import snap_biases
+from qlab.quant.flows.base import Flow
+from qlab.quant.ptq import prepare_ptq, qconfig_from_cfg
+from qlab.quant.qat import QATCallback
+from qlab.quant.scales import scale_table
+
+
+class EagerFlow(Flow):
+    name = "eager"
+
+    def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
+        return prepare_ptq(model, qconfig_from_cfg(quant, qat=False))
+
+    def qat_callback(self, quant: DictConfig, fp32_weights: Path | None,
+                     example: Tensor) -> L.Callback:
+        return QATCallback(qconfig=qconfig_from_cfg(quant, qat=True), fp32_weights=fp32_weights,
+                           freeze_observer_epoch=quant.qat.freeze_observer_epoch,
+                           freeze_bn_epoch=quant.qat.freeze_bn_epoch)
+
+    def scale_table(self, prepared: nn.Module) -> list[dict]:
+        return scale_table(prepared)
+
+    def convert(self, prepared: nn.Module, example: Tensor) -> nn.Module:
+        int8 = convert(copy.deepcopy(prepared).cpu().eval(), inplace=False)
+        # biases on the int32 accumulator grid: what integer hardware adds, and what makes
+        # torch's model compute exactly the shift-requantized integer model (stage=integer)
+        snap_biases(int8, example)
+        return int8
+
+    def weight_max(self, int8: nn.Module) -> int:
+        return quantized_weight_max(int8)
+
+    def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
+               meta: dict) -> nn.Module:
+        scripted = artifacts.torchscript_of(int8, mean, std)
+        artifacts.save_torchscript(out / "model_int8.pt", scripted, meta=meta)
+        return scripted

@@ -1,0 +1,55 @@
+"""stage=fp32: train, test the best checkpoint, export model_fp32.pt."""
+
+from __future__ import annotations
+
+import lightning as L
+from omegaconf import DictConfig
+
+from qlab import artifacts
+from qlab.bench import measure_latency
+from qlab.hardware import resolve_config
+from qlab.stages.common import (
+    base_metrics,
+    bench_args,
+    build_datamodule,
+    build_lit,
+    build_model,
+    build_trainer,
+    export,
+    fit_and_test,
+    output_dir,
+    resume_path,
+)
+
+
+def run_fp32(cfg: DictConfig) -> dict | None:
+    """Train FP32, test the best checkpoint, export model_fp32.pt and write the stage's files."""
+    out = output_dir()
+    ckpt_path = resume_path(cfg, out)
+    L.seed_everything(cfg.seed, workers=True)
+    hw = resolve_config(cfg, trains=True)
+    dm = build_datamodule(cfg)
+    lit = build_lit(cfg, build_model(cfg, dm.num_classes), dm)
+    trainer = build_trainer(cfg)
+    result = fit_and_test(trainer, lit, dm, ckpt_path)
+    if not trainer.is_global_zero:
+        return None
+    model = lit.model.eval().cpu()
+    size_mb = artifacts.save_state_dict(out / "model_fp32_state_dict.pt", model)
+    scripted = export(model, dm)
+    artifacts.save_torchscript(out / "model_fp32.pt", scripted, meta={"hardware": hw})
+    latency = measure_latency(scripted, **bench_args(cfg, dm))
+    artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "FP32")
+    confmat = result.pop("confmat")
+    artifacts.save_confusion(out / "confusion_matrix.png", confmat, dm.classes,
+                             f"FP32 test ({result['accuracy']:.2f}%)")
+    metrics = base_metrics(cfg, "fp32", dm, out) | result | {
+        "confusion_matrix": confmat.tolist(),
+        "size_mb": size_mb,
+        "latency": latency,
+        "backend": "fp32",
+        "precision": str(cfg.trainer.precision),
+        "hardware": hw,
+    }
+    artifacts.write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,123 @@
+"""stage=ptq and stage=qat: make the INT8 model through the configured flow, evaluate, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from qlab import artifacts
+from qlab.bench import measure_latency
+from qlab.data import ImageDataModule
+from qlab.evaluate import evaluate
+from qlab.hardware import check_int8_exact, resolve_config
+from qlab.quant.flows import Flow, get_flow
+from qlab.quant.ptq import (
+    calibrate,
+    fp32_model_config,
+    fp32_weights_path,
+    int8_record,
+    load_fp32,
+    require_cpu,
+)
+from qlab.quant.qconfig import set_backend
+from qlab.quant.scales import write_scale_table
+from qlab.stages.common import (
+    base_metrics,
+    bench_args,
+    build_datamodule,
+    build_lit,
+    build_trainer,
+    fit_and_test,
+    output_dir,
+    resume_path,
+)
+
+
+def example_input(dm: ImageDataModule) -> torch.Tensor:
+    """One normalized-space image of the data's shape (flows trace or probe with it)."""
+    return torch.zeros(1, len(dm.mean), dm.image_size, dm.image_size)
+
+
+def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
+                dm: ImageDataModule, out: Path, extra: dict) -> dict:
+    """Convert a prepared/QAT model on CPU, evaluate it and write every INT8 output of a stage."""
+    require_cpu(cfg.quant.get("device", "cpu"))
+    prepared = prepared.cpu().eval()
+    summary = write_scale_table(out, flow.scale_table(prepared), max_shift=cfg.quant.max_shift)
+    int8 = flow.convert(prepared, example_input(dm))
+    record = int8_record(flow.weight_max(int8), cfg)
+    check_int8_exact(record["weight_max"], record["engine"], f"The {stage} INT8 model")
+    result = evaluate(int8, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
+                      std=dm.std, label_smoothing=cfg.module.label_smoothing)
+    size_mb = artifacts.save_state_dict(out / "model_int8_state_dict.pt", int8)
+    deployable = flow.export(int8, dm.mean, dm.std, out,
+                             meta=record | {"hardware": extra.get("hardware", {})})
+    latency = measure_latency(deployable, **bench_args(cfg, dm))
+    title = f"{stage.upper()} INT8 test ({result['accuracy']:.2f}%)"
+    confmat = result.pop("confmat")
+    artifacts.save_confusion(out / "confusion_matrix.png", confmat, dm.classes, title)
+    metrics = base_metrics(cfg, stage, dm, out) | extra | {
+        "accuracy": result["accuracy"],
+        "loss": result["loss"],
+        "size_mb": size_mb,
+        "latency": latency,
+        "backend": cfg.quant.backend,
+        "quant": OmegaConf.to_container(cfg.quant, resolve=True),
+        "int8": record,
+        "scales": summary,
+        "confusion_matrix": confmat.tolist(),
+    }
+    artifacts.write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def run_ptq(cfg: DictConfig) -> dict:
+    """fp32 weights -> prepare -> calibrate -> convert -> evaluate -> outputs/<name>/ptq."""
+    out = output_dir()
+    torch.manual_seed(cfg.seed)
+    hw = resolve_config(cfg, trains=False)
+    set_backend(cfg.quant.backend)
+    flow = get_flow(cfg.quant.flow)
+    dm = build_datamodule(cfg)
+    model, weights, model_cfg = load_fp32(cfg, dm.num_classes)
+    dm.setup()
+    prepared = flow.prepare_ptq(model.eval(), cfg.quant, example_input(dm))
+    seen = calibrate(prepared, dm.calib_dataloader(), batches=cfg.quant.calib_batches,
+                     mean=dm.mean, std=dm.std)
+    extra = {"fp32_weights": str(weights), "calib_images": seen, "hardware": hw,
+             "model": OmegaConf.to_container(model_cfg, resolve=True)}
+    return finish_int8(cfg, flow, stage="ptq", prepared=prepared, dm=dm, out=out, extra=extra)
+
+
+def run_qat(cfg: DictConfig) -> dict | None:
+    """Fine-tune the FP32 weights with po2 fake-quant, then convert a CPU copy to INT8."""
+    out = output_dir()
+    ckpt_path = resume_path(cfg, out)
+    L.seed_everything(cfg.seed, workers=True)
+    hw = resolve_config(cfg, trains=True)
+    set_backend(cfg.quant.backend)
+    flow = get_flow(cfg.quant.flow)
+    dm = build_datamodule(cfg)
+    weights, fp32_metrics = fp32_weights_path(cfg)
+    model_cfg = fp32_model_config(cfg, fp32_metrics)
+    model = instantiate(model_cfg, num_classes=dm.num_classes)
+    callback = flow.qat_callback(cfg.quant, weights, example_input(dm))
+    lit = build_lit(cfg, model, dm)
+    trainer = build_trainer(cfg, [callback])
+    result = fit_and_test(trainer, lit, dm, ckpt_path)
+    if not trainer.is_global_zero:
+        return None
+    artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "QAT (fake-quant)")
+    result.pop("confmat")
+    extra = {f"fake_quant_{k}": result.pop(k) for k in ("accuracy", "loss")} | result | {
+        "fp32_weights": str(weights),
+        "model": OmegaConf.to_container(model_cfg, resolve=True),
+        "precision": str(cfg.trainer.precision),
+        "hardware": hw,
+    }
+    return finish_int8(cfg, flow, stage="qat", prepared=lit.model, dm=dm, out=out, extra=extra)

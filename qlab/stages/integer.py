@@ -1,0 +1,76 @@
+"""stage=integer: the integer-only model of an INT8 stage (model.json, weights.npz) and
+verify.json, the reference executor against the stage's model_int8.pt on the whole test split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from qlab import artifacts
+from qlab.errors import QlabError
+from qlab.hardware import check_int8_exact, resolve_config
+from qlab.integer.export import to_integer, write_integer
+from qlab.integer.reference import IntegerModel
+from qlab.integer.verify import (
+    layer_table,
+    rebuild_int8,
+    stage_metrics,
+    verify,
+    zero_point_order,
+)
+from qlab.quant.qconfig import set_backend
+from qlab.stages.common import build_datamodule, output_dir
+
+log = logging.getLogger(__name__)
+
+
+def run_integer(cfg: DictConfig) -> dict:
+    """outputs/<name>/<from>/integer/: model.json, weights.npz, verify.json."""
+    source = str(cfg["from"])
+    stage_dir = Path(cfg.outputs_dir) / cfg.name / source
+    metrics = stage_metrics(stage_dir)
+    out = output_dir()
+    hw = resolve_config(cfg, trains=False)
+    engine = set_backend(cfg.quant.backend)
+    record = metrics["int8"]
+    check_int8_exact(record["weight_max"], engine, f"The {source} INT8 model")
+    dm = build_datamodule(cfg)
+    if list(dm.classes) != list(metrics["classes"]):
+        raise QlabError(f"The data has classes {dm.classes}, the {source} model was trained on "
+                        f"{metrics['classes']}: pass the same data= options as that run.")
+    dm.setup()
+    int8 = rebuild_int8(stage_dir, metrics)
+    spec, arrays = to_integer(int8, mean=metrics["mean"], std=metrics["std"],
+                              image_size=dm.image_size, max_shift=metrics["quant"]["max_shift"])
+    off_grid = [op["name"] for op in spec["ops"] if op.get("bias_on_grid") is False]
+    if off_grid:
+        log.warning("%d biases of %s are not on the accumulator grid (the model was exported "
+                    "before biases were snapped): torch's model differs from the integer model "
+                    "there. Re-run the %s stage to export a matching model_int8.pt.",
+                    len(off_grid), source, source)
+    write_integer(out, spec, arrays, extra={"source": {
+        "run": cfg.name, "stage": source, "accuracy": metrics.get("accuracy"),
+        "model": metrics["model"], "int8": record, "classes": metrics["classes"]}})
+    order = cfg.integer.zero_point
+    order = zero_point_order(engine) if order == "auto" else str(order)
+    ref = IntegerModel.load(out, rounding=cfg.integer.rounding, gemm=cfg.integer.gemm,
+                            zero_point=order)
+    scripted, _ = artifacts.load_torchscript(stage_dir / "model_int8.pt")
+    loader = dm.test_dataloader(batch_size=cfg.integer.batch_size)
+    result = verify(ref, scripted, int8, loader, mean=metrics["mean"], std=metrics["std"],
+                    limit=cfg.integer.limit_images)
+    layers = layer_table(ref)
+    result |= {"rounding": ref.rounding, "gemm": ref.gemm, "engine": engine,
+               "zero_point": ref.zero_point,
+               "biases_off_grid": off_grid, "stage_accuracy": metrics.get("accuracy"),
+               "max_acc_bits": max((r["acc_bits"] for r in layers), default=0),
+               "layers": layers, "hardware": hw, "source": str(stage_dir)}
+    artifacts.write_json(out / "verify.json", result)
+    log.info("integer %s: %d images, identical logits %.4f, top-1 agreement %.4f, accuracy "
+             "%.2f%% (torch %.2f%%), %.1f s", source, result["images"],
+             result["identical_logits_fraction"], result["top1_agreement"], result["accuracy"],
+             result["torch_accuracy"], result["seconds"])
+    return result
+
