@@ -17,6 +17,7 @@ from qlab.errors import QlabError
 from qlab.hardware import check_int8_exact, resolve_config
 from qlab.models import Deployable
 from qlab.quant.qconfig import set_backend
+from qlab.runtimes import OnnxRuntime, load_pt2
 
 log = logging.getLogger(__name__)
 STAGES = ("fp32", "ptq", "qat")
@@ -61,6 +62,10 @@ def remeasure_latency(run: Path, found: dict[str, dict], cfg: DictConfig) -> dic
             forms["torchscript-frozen"] = measure_latency(model, **bench)
         if m["stage"] == "fp32" and (eager := _fp32_eager(run / stage, m)) is not None:
             forms["eager"] = measure_latency(eager, **bench)
+        for name, form, load in (("model_int8.pt2", "torch.export", load_pt2),
+                                 ("model_int8.onnx", "onnxruntime", OnnxRuntime)):
+            if (run / stage / name).is_file():
+                forms[form] = measure_latency(load(run / stage / name), **bench)
         if forms:
             best = min(forms, key=lambda f: forms[f]["median_ms"])
             out[stage] = forms[best] | {"form": best, "forms": forms}

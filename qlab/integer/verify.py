@@ -59,6 +59,9 @@ def stage_metrics(stage_dir: Path) -> dict:
     if "int8" not in metrics or not (stage_dir / "model_int8_state_dict.pt").is_file():
         raise QlabError(f"{stage_dir} is not an INT8 stage (no int8 record or "
                         f"model_int8_state_dict.pt); use from=ptq, from=qat or a tagged variant.")
+    if metrics["int8"].get("flow", "eager") != "eager":
+        raise QlabError(f"{stage_dir} was made by quant.flow={metrics['int8']['flow']}; the integer "
+                        f"export reads eager INT8 models: quantize with quant.flow=eager.")
     return metrics
 
 

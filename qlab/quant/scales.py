@@ -46,27 +46,29 @@ def _observers(model: nn.Module) -> list[tuple[str, str, ObserverBase]]:
     return rows
 
 
+def po2_row(layer: str, tensor: str, obs: ObserverBase) -> dict:
+    """The scale-table row of one observer (po2: exponents, clamps, roundings; else the scales)."""
+    if isinstance(obs, _Po2Mixin):
+        p = obs.po2_qparams(obs.min_val, obs.max_val)
+        raw, n, un, scale = p["raw_scale"], p["exponent"], p["unclamped_exponent"], p["scale"]
+        valid = raw > 0
+        rel = ((scale.double() - raw.double()).abs() / raw.double().clamp(min=1e-30))[valid]
+        row = {"exp_min": int(n.min()), "exp_max": int(n.max()),
+               "clamped": int((un != n).sum()),
+               "rounded_down": int(((scale.double() < raw.double()) & valid).sum()),
+               "max_rel_err": float(rel.max()) if rel.numel() else 0.0}
+    else:  # torch's own observers: scales as they are
+        scale, _ = obs.calculate_qparams()
+        row = {"exp_min": "", "exp_max": "", "clamped": "", "rounded_down": "",
+               "max_rel_err": ""}
+    scale = scale.flatten().double()
+    return {"layer": layer, "tensor": tensor, "channels": scale.numel(),
+            "scale_min": float(scale.min()), "scale_max": float(scale.max()), **row}
+
+
 def scale_table(model: nn.Module) -> list[dict]:
-    """One row per observed tensor of a prepared (not yet converted) model."""
-    table = []
-    for layer, tensor, obs in _observers(model):
-        if isinstance(obs, _Po2Mixin):
-            p = obs.po2_qparams(obs.min_val, obs.max_val)
-            raw, n, un, scale = p["raw_scale"], p["exponent"], p["unclamped_exponent"], p["scale"]
-            valid = raw > 0
-            rel = ((scale.double() - raw.double()).abs() / raw.double().clamp(min=1e-30))[valid]
-            row = {"exp_min": int(n.min()), "exp_max": int(n.max()),
-                   "clamped": int((un != n).sum()),
-                   "rounded_down": int(((scale.double() < raw.double()) & valid).sum()),
-                   "max_rel_err": float(rel.max()) if rel.numel() else 0.0}
-        else:  # torch's own observers: scales as they are
-            scale, _ = obs.calculate_qparams()
-            row = {"exp_min": "", "exp_max": "", "clamped": "", "rounded_down": "",
-                   "max_rel_err": ""}
-        scale = scale.flatten().double()
-        table.append({"layer": layer, "tensor": tensor, "channels": scale.numel(),
-                      "scale_min": float(scale.min()), "scale_max": float(scale.max()), **row})
-    return table
+    """One row per observed tensor of a prepared (not yet converted) eager model."""
+    return [po2_row(layer, tensor, obs) for layer, tensor, obs in _observers(model)]
 
 
 def summarize(table: list[dict]) -> dict:

@@ -47,17 +47,25 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
                 dm: ImageDataModule, out: Path, extra: dict) -> dict:
     """Convert a prepared/QAT model on CPU, evaluate it and write every INT8 output of a stage."""
     require_cpu(cfg.quant.get("device", "cpu"))
-    prepared = prepared.cpu().eval()
+    prepared = prepared.cpu()
+    prepared.eval()  # not chained: an exported (PT2E) module's eval() returns None
     summary = write_scale_table(out, flow.scale_table(prepared), max_shift=cfg.quant.max_shift)
     int8 = flow.convert(prepared, example_input(dm))
-    record = int8_record(flow.weight_max(int8), cfg)
+    record = int8_record(flow.weight_max(int8), cfg) | (
+        {"engine": flow.kernels} if flow.kernels else {})
     check_int8_exact(record["weight_max"], record["engine"], f"The {stage} INT8 model")
     result = evaluate(int8, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
                       std=dm.std, label_smoothing=cfg.module.label_smoothing)
     size_mb = artifacts.save_state_dict(out / "model_int8_state_dict.pt", int8)
     deployable = flow.export(int8, dm.mean, dm.std, out,
-                             meta=record | {"hardware": extra.get("hardware", {})})
+                             meta=record | {"hardware": extra.get("hardware", {})},
+                             example=example_input(dm))
     latency = measure_latency(deployable, **bench_args(cfg, dm))
+    # the same test split through every other runtime of the artifacts (fed [0,1] images)
+    runtimes = {name: evaluate(run, dm.test_dataloader(), num_classes=dm.num_classes,
+                               mean=[0.0] * len(dm.mean), std=[1.0] * len(dm.std),
+                               label_smoothing=cfg.module.label_smoothing)
+                for name, run in flow.runtimes(out).items()}
     title = f"{stage.upper()} INT8 test ({result['accuracy']:.2f}%)"
     confmat = result.pop("confmat")
     artifacts.save_confusion(out / "confusion_matrix.png", confmat, dm.classes, title)
@@ -71,6 +79,9 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
         "int8": record,
         "scales": summary,
         "confusion_matrix": confmat.tolist(),
+        "runtimes": {name: {"accuracy": r["accuracy"], "loss": r["loss"],
+                            "agrees_with_torch": r["accuracy"] == result["accuracy"]}
+                     for name, r in runtimes.items()},
     }
     artifacts.write_json(out / "metrics.json", metrics)
     return metrics

@@ -7,15 +7,18 @@ and one entry in FLOWS.
 
 from __future__ import annotations
 
+import importlib
+
 from qlab.errors import QlabError
 from qlab.quant.flows.base import Flow
-from qlab.quant.flows.eager import EagerFlow
 
-FLOWS: dict[str, type[Flow]] = {"eager": EagerFlow}
+# module:class, imported when picked (pt2e pulls in torchao, onnx and inductor)
+FLOWS = {"eager": "qlab.quant.flows.eager:EagerFlow", "pt2e": "qlab.quant.flows.pt2e:Pt2eFlow"}
 
 
 def get_flow(name: str) -> Flow:
     """The flow called `name` (quant.flow)."""
     if name not in FLOWS:
         raise QlabError(f"quant.flow={name!r} is not known; use one of {', '.join(FLOWS)}.")
-    return FLOWS[name]()
+    module, cls = FLOWS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()

@@ -15,6 +15,7 @@ class Flow(ABC):
     """prepare_ptq / qat_callback -> (calibrate or fine-tune) -> convert -> export."""
 
     name: str
+    kernels: str | None = None  # the INT8 kernels its models run on; None: quant.backend's
 
     @abstractmethod
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
@@ -39,6 +40,11 @@ class Flow(ABC):
 
     @abstractmethod
     def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
-               meta: dict) -> nn.Module:
+               meta: dict, example: Tensor) -> nn.Module:
         """Write the INT8 artifacts into `out`; return the deployable form whose latency counts
         (float [0,1] NCHW in, logits out)."""
+
+    def runtimes(self, out: Path) -> dict[str, nn.Module]:
+        """Other runtimes of the exported artifacts in `out` (float [0,1] NCHW in, logits out)
+        whose test accuracy the stage also records; none by default."""
+        return {}

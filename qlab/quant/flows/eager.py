@@ -47,7 +47,7 @@ class EagerFlow(Flow):
         return quantized_weight_max(int8)
 
     def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
-               meta: dict) -> nn.Module:
+               meta: dict, example: Tensor) -> nn.Module:
         scripted = artifacts.torchscript_of(int8, mean, std)
         artifacts.save_torchscript(out / "model_int8.pt", scripted, meta=meta)
         return scripted
