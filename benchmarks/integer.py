@@ -27,18 +27,17 @@ def build(name: str, engine: str):
     from torch.ao.quantization import convert, prepare
 
     from qlab.integer.export import snap_biases
-    from qlab.models import build_mobilenet_v2, build_resnet20, build_resnet50
+    from qlab.models import (
+        build_mobilenet_v2,
+        build_resnet20,
+        build_resnet50,
+        randomize_batchnorm,
+    )
     from qlab.quant.qconfig import build_qconfig
 
     torch.manual_seed(0)
-    model = {"resnet50": build_resnet50, "resnet20": build_resnet20,
-             "mobilenet_v2": build_mobilenet_v2}[name](num_classes=10).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
+    model = randomize_batchnorm({"resnet50": build_resnet50, "resnet20": build_resnet20,
+                                 "mobilenet_v2": build_mobilenet_v2}[name](num_classes=10).eval())
     model.fuse_model(is_qat=False)
     model.qconfig = build_qconfig(backend=engine)
     prepare(model, inplace=True)

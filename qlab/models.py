@@ -141,6 +141,20 @@ def build_mobilenet_v2(*, num_classes: int = 10, width_mult: float = 1.0,
     return model
 
 
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """BN statistics and affine terms of a trained-looking network (from torch's RNG): an
+    untrained model then spreads its activations over many quantization codes, which speed and
+    bit-exactness checks need; the default (mean 0, var 1, weight 1, bias 0) barely does."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.2)
+    return model
+
+
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std on float NCHW input, as a scriptable module."""
 

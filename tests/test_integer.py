@@ -17,7 +17,13 @@ from qlab.errors import QlabError
 from qlab.integer.export import snap_biases, to_integer, write_integer
 from qlab.integer.reference import IntegerModel, shift_round
 from qlab.integer.verify import zero_point_order
-from qlab.models import Normalize, build_mobilenet_v2, build_resnet20, build_resnet50
+from qlab.models import (
+    Normalize,
+    build_mobilenet_v2,
+    build_resnet20,
+    build_resnet50,
+    randomize_batchnorm,
+)
 from qlab.quant.qconfig import build_qconfig
 
 from conftest import AVX2_ONLY, ROOT, X86
@@ -165,13 +171,7 @@ def _int8(build, *, per_channel=False, engine="fbgemm", kind="po2", seed=0):
     """A po2 PTQ model with random (but BN-realistic) weights, calibrated on random images."""
     torch.backends.quantized.engine = engine
     torch.manual_seed(seed)
-    model = build(num_classes=10).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
+    model = randomize_batchnorm(build(num_classes=10).eval())
     model.fuse_model(is_qat=False)
     model.qconfig = build_qconfig(kind=kind, backend=engine, per_channel=per_channel)
     with warnings.catch_warnings():
