@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import warnings
@@ -162,3 +163,43 @@ def save_fig(fig, path: Path) -> Path:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)
+
+
+MAX_BATCH = 4096
+
+
+def export_program(model: torch.nn.Module, example: Tensor) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch dimension (traced at batch 2: 1 would specialize)."""
+    example = example[:1].expand(2, *example.shape[1:]).contiguous()
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+
+
+def save_onnx(program: torch.export.ExportedProgram, example: Tensor, path: Path) -> None:
+    """The program as ONNX (torch.onnx.export, dynamo exporter; input "image", output "logits")."""
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # one line per rewrite otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(program, (example,), str(path), dynamo=True, verbose=False,
+                          input_names=["image"], output_names=["logits"])
+
+
+def save_exported(out: Path, stem: str, deployable: torch.nn.Module, example: Tensor,
+                  meta: dict, *, pt2: bool = True, onnx: bool = True
+                  ) -> torch.export.ExportedProgram:
+    """out/STEM.pt2 (torch.export.save, `meta` as extra file qlab.json) and out/STEM.onnx (the
+    dynamo ONNX exporter) of a float [0,1] NCHW -> logits module, each written atomically."""
+    example = torch.rand(2, *example.shape[1:])
+    program = export_program(deployable, example)
+    extra = {META_FILE: json.dumps(meta, sort_keys=True)}
+    if pt2:
+        with warnings.catch_warnings():  # "No complete tensor found in the group": CPU weights
+            warnings.simplefilter("ignore", UserWarning)
+            atomic_write(Path(out) / f"{stem}.pt2",
+                         lambda tmp: torch.export.save(program, str(tmp), extra_files=extra))
+    if onnx:
+        atomic_write(Path(out) / f"{stem}.onnx", lambda tmp: save_onnx(program, example, tmp))
+    return program

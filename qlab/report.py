@@ -62,10 +62,11 @@ def remeasure_latency(run: Path, found: dict[str, dict], cfg: DictConfig) -> dic
             forms["torchscript-frozen"] = measure_latency(model, **bench)
         if m["stage"] == "fp32" and (eager := _fp32_eager(run / stage, m)) is not None:
             forms["eager"] = measure_latency(eager, **bench)
-        for name, form, load in (("model_int8.pt2", "torch.export", load_pt2),
-                                 ("model_int8.onnx", "onnxruntime", OnnxRuntime)):
-            if (run / stage / name).is_file():
-                forms[form] = measure_latency(load(run / stage / name), **bench)
+        kind = "fp32" if m["stage"] == "fp32" else "int8"
+        for suffix, form, load in ((".pt2", "torch.export", load_pt2),
+                                   (".onnx", "onnxruntime", OnnxRuntime)):
+            if (file := run / stage / f"model_{kind}{suffix}").is_file():
+                forms[form] = measure_latency(load(file), **bench)
         if forms:
             best = min(forms, key=lambda f: forms[f]["median_ms"])
             out[stage] = forms[best] | {"form": best, "forms": forms}

@@ -20,6 +20,7 @@ TINY = [
     "data.eval_batch_size=64", "model.stem=imagenet", "trainer.max_epochs=1",
     "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "bench.runs=5",
     "bench.warmup=1", "optimizer.lr=0.05", "scheduler=cosine",
+    "export.pt2=false", "export.onnx=false",  # FP32 .pt2/.onnx: tests/test_pt2e.py
 ]
 
 # An AVX2-only CPU, reproduced on a newer x86 CPU by the kernels' own ISA switches.

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
 
 from qlab import artifacts
 from qlab.bench import measure_latency
+from qlab.evaluate import evaluate
 from qlab.hardware import resolve_config
+from qlab.models import Deployable
+from qlab.runtimes import OnnxRuntime
 from qlab.stages.common import (
     base_metrics,
     bench_args,
@@ -20,6 +24,23 @@ from qlab.stages.common import (
     output_dir,
     resume_path,
 )
+
+
+def export_more(cfg: DictConfig, model, dm, out, meta: dict) -> dict:
+    """model_fp32.pt2 and model_fp32.onnx (cfg.export), and the test accuracy of the ONNX file
+    under ONNX Runtime."""
+    if not (cfg.export.pt2 or cfg.export.onnx):
+        return {}
+    deployable = Deployable(model, dm.mean, dm.std).eval()
+    example = torch.zeros(1, len(dm.mean), dm.image_size, dm.image_size)
+    artifacts.save_exported(out, "model_fp32", deployable, example, meta,
+                            pt2=cfg.export.pt2, onnx=cfg.export.onnx)
+    if not cfg.export.onnx:
+        return {}
+    r = evaluate(OnnxRuntime(out / "model_fp32.onnx"), dm.test_dataloader(),
+                 num_classes=dm.num_classes, mean=[0.0] * len(dm.mean), std=[1.0] * len(dm.std),
+                 label_smoothing=cfg.module.label_smoothing)
+    return {"onnxruntime": {"accuracy": r["accuracy"], "loss": r["loss"]}}
 
 
 def run_fp32(cfg: DictConfig) -> dict | None:
@@ -39,6 +60,7 @@ def run_fp32(cfg: DictConfig) -> dict | None:
     scripted = export(model, dm)
     artifacts.save_torchscript(out / "model_fp32.pt", scripted, meta={"hardware": hw})
     latency = measure_latency(scripted, **bench_args(cfg, dm))
+    runtimes = export_more(cfg, model, dm, out, meta={"hardware": hw})
     artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "FP32")
     confmat = result.pop("confmat")
     artifacts.save_confusion(out / "confusion_matrix.png", confmat, dm.classes,
@@ -50,6 +72,7 @@ def run_fp32(cfg: DictConfig) -> dict | None:
         "backend": "fp32",
         "precision": str(cfg.trainer.precision),
         "hardware": hw,
+        "runtimes": runtimes,
     }
     artifacts.write_json(out / "metrics.json", metrics)
     return metrics

@@ -5,8 +5,6 @@ model_int8.onnx (QDQ, run by ONNX Runtime); CPU latency of the inductor-compiled
 from __future__ import annotations
 
 import copy
-import json
-import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,17 +25,6 @@ from qlab.quant.observer import _Po2Mixin
 from qlab.quant.pt2e import po2_quantization_config
 from qlab.quant.scales import po2_row
 from qlab.runtimes import OnnxRuntime
-
-MAX_BATCH = 4096
-
-
-def export_program(model: nn.Module, example: Tensor) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch dimension (traced at batch 2: 1 would specialize)."""
-    example = example[:1].expand(2, *example.shape[1:]).contiguous()
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
 
 
 def observer_rows(prepared: nn.Module) -> list[tuple[str, str, _Po2Mixin]]:
@@ -67,7 +54,7 @@ class Pt2eFlow(Flow):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.eval()
-            prepared = prepare_pt2e(export_program(model, example).module(), quantizer)
+            prepared = prepare_pt2e(artifacts.export_program(model, example).module(), quantizer)
         allow_exported_model_train_eval(prepared)
         return prepared
 
@@ -97,12 +84,8 @@ class Pt2eFlow(Flow):
     def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
                meta: dict, example: Tensor) -> nn.Module:
         deployable = Deployable(int8, mean, std).eval()
+        artifacts.save_exported(out, "model_int8", deployable, example, meta)
         example = torch.rand(2, *example.shape[1:])  # [0, 1] images
-        program = export_program(deployable, example)
-        extra = {artifacts.META_FILE: json.dumps(meta, sort_keys=True)}
-        artifacts.atomic_write(out / "model_int8.pt2", lambda tmp: torch.export.save(
-            program, str(tmp), extra_files=extra))
-        artifacts.atomic_write(out / "model_int8.onnx", lambda tmp: _onnx(program, example, tmp))
         compiled = torch.compile(deployable)
         with torch._inductor.config.patch(freezing=True), torch.inference_mode():
             compiled(example[:1])  # compile now, with weights frozen into the kernels
@@ -124,12 +107,3 @@ def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
             del mod._parameters[attr]
         elif attr in mod._buffers:
             del mod._buffers[attr]
-
-
-def _onnx(program: torch.export.ExportedProgram, example: Tensor, path: Path) -> None:
-    for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # one line per rewrite otherwise
-        logging.getLogger(name).setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(program, (example,), str(path), dynamo=True, verbose=False,
-                          input_names=["image"], output_names=["logits"])
