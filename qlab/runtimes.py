@@ -13,14 +13,20 @@ from torch import Tensor
 class OnnxRuntime:
     """An ONNX file run by onnxruntime.InferenceSession on the CPU."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path | bytes, threads: int | None = None) -> None:
         import onnxruntime as ort  # an optional runtime: imported only when an .onnx is run
 
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        source = path if isinstance(path, bytes) else str(path)
+        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
+
+    @classmethod
+    def from_bytes(cls, model: bytes, threads: int | None = None) -> OnnxRuntime:
+        """A session on a serialized ModelProto."""
+        return cls(model, threads)
 
     def __call__(self, x: Tensor) -> Tensor:
         out = self.session.run(None, {self.input: np.ascontiguousarray(x.float().numpy())})[0]

@@ -119,6 +119,19 @@ def test_ptq_pt2e_writes_artifacts_that_load_without_qlab(tmp_path):
             f"print(tuple(m(torch.rand(3, 3, 32, 32)).shape))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "(3, 10)", proc.stderr[-2000:]
+    # the outside baseline: ONNX Runtime's quantize_static on the same calibration batches
+    run_cli("quantize.py", "stage=ptq", "name=p", "quant.flow=ort", "tag=-ort", *TINY20,
+            outputs=tmp_path, timeout=900)
+    mo = read_metrics(tmp_path / "p" / "ptq-ort" / "metrics.json")
+    assert mo["int8"]["kind"] == "onnxruntime-minmax" and mo["int8"]["weight_max"] <= 64
+    session = ort.InferenceSession(str(tmp_path / "p" / "ptq-ort" / "model_int8.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    ort_logits = torch.from_numpy(session.run(None, {"image": (x.float() / 255).numpy()})[0])
+    assert 100.0 * (ort_logits.argmax(1) == y).float().mean().item() == pytest.approx(
+        mo["accuracy"])
+    proc = run_cli("quantize.py", "stage=ptq", "name=p", "quant.flow=ort", "quant.target=vnni",
+                   "tag=-ort8", *TINY20, outputs=tmp_path, check=False)
+    assert proc.returncode == 2 and "only quant.target=portable" in proc.stderr
     # the integer export reads eager models only, and says so
     proc = run_cli("quantize.py", "stage=integer", "name=p", "from=ptq-pt2e", *TINY20,
                    outputs=tmp_path, check=False)

@@ -52,7 +52,7 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
     summary = write_scale_table(out, flow.scale_table(prepared), max_shift=cfg.quant.max_shift)
     int8 = flow.convert(prepared, example_input(dm))
     record = int8_record(flow.weight_max(int8), cfg) | (
-        {"engine": flow.kernels} if flow.kernels else {})
+        {"engine": flow.kernels} if flow.kernels else {}) | ({"kind": flow.kind} if flow.kind else {})
     check_int8_exact(record["weight_max"], record["engine"], f"The {stage} INT8 model")
     result = evaluate(int8, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
                       std=dm.std, label_smoothing=cfg.module.label_smoothing)

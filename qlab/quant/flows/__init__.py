@@ -13,7 +13,8 @@ from qlab.errors import QlabError
 from qlab.quant.flows.base import Flow
 
 # module:class, imported when picked (pt2e pulls in torchao, onnx and inductor)
-FLOWS = {"eager": "qlab.quant.flows.eager:EagerFlow", "pt2e": "qlab.quant.flows.pt2e:Pt2eFlow"}
+FLOWS = {"eager": "qlab.quant.flows.eager:EagerFlow", "pt2e": "qlab.quant.flows.pt2e:Pt2eFlow",
+         "ort": "qlab.quant.flows.ort:OrtStaticFlow"}
 
 
 def get_flow(name: str) -> Flow:

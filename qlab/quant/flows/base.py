@@ -16,6 +16,7 @@ class Flow(ABC):
 
     name: str
     kernels: str | None = None  # the INT8 kernels its models run on; None: quant.backend's
+    kind: str | None = None     # its scales when not quant.kind's
 
     @abstractmethod
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
