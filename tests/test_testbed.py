@@ -25,6 +25,9 @@ def test_testbed_quantizes_within_a_few_points_of_fp32(tmp_path):
     ptq = read_metrics(tmp_path / "tb" / "ptq" / "metrics.json")
     qat = read_metrics(tmp_path / "tb" / "qat" / "metrics.json")
     assert ptq["model"] == qat["model"] == fp32["model"]  # the FP32 run's architecture
+    # the testbed steps its one-cycle schedule per batch; QAT's cosine must still go per epoch
+    qat_cfg = (tmp_path / "tb" / "qat" / ".hydra" / "config.yaml").read_text()
+    assert "scheduler_interval: epoch" in qat_cfg and "OneCycleLR" not in qat_cfg
     assert 0.25 < ptq["size_mb"] < 0.4 and 0.25 < qat["size_mb"] < 0.4
     assert ptq["accuracy"] > fp32["accuracy"] - 3.0, (ptq["accuracy"], fp32["accuracy"])
     assert qat["accuracy"] > fp32["accuracy"] - 3.0, (qat["accuracy"], fp32["accuracy"])
