@@ -109,7 +109,9 @@ def fit_and_test(trainer: L.Trainer, lit: LitClassifier, dm: ImageDataModule,
         "best_ckpt": best,
         "world_size": trainer.world_size,
         "train_samples_per_rank": [int(v) for v in per_rank.tolist()],
-        "train_images_per_s": float(per_rank.sum() / seconds.max().clamp(min=1e-9)),
+        # null when this process trained nothing (resuming a finished run): not a speed of 0
+        "train_images_per_s": (float(per_rank.sum() / seconds.max().clamp(min=1e-9))
+                               if int(per_rank.sum()) else None),
         "epochs": trainer.current_epoch,
     }
 
