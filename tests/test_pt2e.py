@@ -99,6 +99,8 @@ def test_ptq_pt2e_writes_artifacts_that_load_without_qlab(tmp_path):
 
     x, y = synthetic_split(num_images=64, num_classes=10, image_size=32, noise=0.1, seed=42,
                            split="test")
+    import torchao  # noqa: F401  (registers the quantized_decomposed ops the program uses)
+
     extra = {"qlab.json": ""}
     program = torch.export.load(str(out / "model_int8.pt2"), extra_files=extra)
     assert json.loads(extra["qlab.json"])["flow"] == "pt2e"
