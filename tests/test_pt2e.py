@@ -71,8 +71,68 @@ def test_pt2e_refuses_what_it_cannot_do():
         po2_quantization_config(OmegaConf.merge(QUANT, {"reduce_range": True}), qat=False)
     with pytest.raises(QlabError, match="quant.flow='tflite' is not known"):
         get_flow("tflite")
-    with pytest.raises(QlabError, match="stage=qat with quant.flow=pt2e is not available yet"):
-        get_flow("pt2e").qat_callback(QUANT, None, torch.zeros(1, 3, 32, 32))
+
+
+def _bn_training_flags(gm) -> set:
+    from qlab.quant.pt2e import _BATCH_NORMS
+
+    return {n.args[5] for n in gm.graph.nodes if n.target in _BATCH_NORMS}
+
+
+def test_qat_pt2e_trains_freezes_on_schedule_and_converts_to_po2():
+    """The PT2E QAT callback on a LightningModule-like holder: fake-quant training steps move
+    the weights, BN freezing survives train()/eval() switches, frozen observers stop moving the
+    scales, and convert_pt2e folds BN and leaves po2 scales that match the fake-quant model."""
+    from types import SimpleNamespace
+
+    from qlab.quant.flows import get_flow
+
+    flow = get_flow("pt2e")
+    torch.manual_seed(0)
+    holder = SimpleNamespace(model=build_resnet20(num_classes=10))
+    cb = flow.qat_callback(QUANT, None, torch.zeros(1, 3, 32, 32))
+    cb.setup(None, holder, "fit")
+    cb.setup(None, holder, "fit")  # idempotent: a second setup (e.g. test) changes nothing
+    qat = holder.model
+    assert isinstance(qat, torch.fx.GraphModule) and _bn_training_flags(qat) == {True}
+    opt = torch.optim.SGD(qat.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    before = qat.conv1.weight.detach().clone()
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(qat(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(before, qat.conv1.weight)
+    epoch = SimpleNamespace(current_epoch=QUANT.qat.freeze_bn_epoch)  # BN frozen, observers not
+    cb.on_train_epoch_start(epoch, holder)
+    assert _bn_training_flags(qat) == {False}
+    mean = qat.bn1.running_mean.clone()
+    qat(x)
+    assert torch.equal(mean, qat.bn1.running_mean)  # frozen: running stats not updated
+    qat.eval()
+    qat.train()  # Lightning switches around validation: BN must stay frozen
+    assert _bn_training_flags(qat) == {False}
+    cb.on_train_epoch_start(SimpleNamespace(current_epoch=QUANT.qat.freeze_observer_epoch),
+                            holder)
+    scales = {k: v.clone() for k, v in qat.state_dict().items() if k.endswith(".scale")}
+    assert len(scales) > 40
+    qat(x * 4)  # a wider input would widen a live observer
+    assert all(torch.equal(v, qat.state_dict()[k]) for k, v in scales.items())
+    qat.eval()
+    with torch.no_grad():
+        fake = qat(x)
+    int8 = flow.convert(qat, torch.zeros(1, 3, 32, 32))
+    assert not _bn_training_flags(int8)  # BN folded into the convolutions
+    for s in _scales(int8):
+        mantissa, exp = math.frexp(s)
+        assert mantissa == 0.5 and -8 <= exp - 1 <= 8, s
+    assert flow.weight_max(int8) <= 64
+    rows = flow.scale_table(qat)
+    assert sum(r["tensor"] == "weight" for r in rows) == 22  # 21 convs + fc
+    with torch.inference_mode():
+        real = int8(x)
+    assert (real.argmax(1) == fake.argmax(1)).float().mean() >= 0.9
 
 
 TINY20 = ["data=synthetic", "data.num_train=96", "data.num_test=64", "data.batch_size=32",
@@ -81,8 +141,27 @@ TINY20 = ["data=synthetic", "data.num_train=96", "data.num_test=64", "data.batch
           "bench.warmup=1", "scheduler=cosine", "quant.calib_batches=2"]
 
 
+def _check_artifacts(out, metrics: dict, x, y) -> torch.Tensor:
+    """model_int8.pt2 (torch.export.load) and model_int8.onnx (onnxruntime) of a stage score
+    what its metrics.json says on the test images and agree with each other."""
+    import onnxruntime as ort
+    import torchao  # noqa: F401  (registers the quantized_decomposed ops the program uses)
+
+    extra = {"qlab.json": ""}
+    program = torch.export.load(str(out / "model_int8.pt2"), extra_files=extra)
+    assert json.loads(extra["qlab.json"])["flow"] == "pt2e"
+    with torch.inference_mode():
+        logits = program.module()(x.float() / 255)
+    assert 100.0 * (logits.argmax(1) == y).float().mean().item() == pytest.approx(
+        metrics["accuracy"])
+    session = ort.InferenceSession(str(out / "model_int8.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = torch.from_numpy(session.run(None, {"image": (x.float() / 255).numpy()})[0])
+    assert torch.equal(onnx_logits.argmax(1), logits.argmax(1))
+    return logits
+
+
 @pytest.mark.slow
-def test_ptq_pt2e_writes_artifacts_that_load_without_qlab(tmp_path):
+def test_pt2e_ptq_and_qat_write_artifacts_that_load_without_qlab(tmp_path):
     run_cli("train.py", "stage=fp32", "name=p", *TINY20, outputs=tmp_path)
     fp32 = read_metrics(tmp_path / "p" / "fp32" / "metrics.json")
     assert (tmp_path / "p" / "fp32" / "model_fp32.pt2").is_file()
@@ -99,19 +178,14 @@ def test_ptq_pt2e_writes_artifacts_that_load_without_qlab(tmp_path):
 
     x, y = synthetic_split(num_images=64, num_classes=10, image_size=32, noise=0.1, seed=42,
                            split="test")
-    import torchao  # noqa: F401  (registers the quantized_decomposed ops the program uses)
-
-    extra = {"qlab.json": ""}
-    program = torch.export.load(str(out / "model_int8.pt2"), extra_files=extra)
-    assert json.loads(extra["qlab.json"])["flow"] == "pt2e"
-    with torch.inference_mode():
-        logits = program.module()(x.float() / 255)
-    assert 100.0 * (logits.argmax(1) == y).float().mean().item() == pytest.approx(m["accuracy"])
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(out / "model_int8.onnx"), providers=["CPUExecutionProvider"])
-    onnx_logits = torch.from_numpy(session.run(None, {"image": (x.float() / 255).numpy()})[0])
-    assert torch.equal(onnx_logits.argmax(1), logits.argmax(1))
+    _check_artifacts(out, m, x, y)
+    # QAT down the same path: the exported graph fine-tuned under Lightning, then converted
+    run_cli("train.py", "stage=qat", "name=p", "quant.flow=pt2e", "tag=-pt2e", *TINY20,
+            outputs=tmp_path, timeout=900)
+    mq = read_metrics(tmp_path / "p" / "qat-pt2e" / "metrics.json")
+    assert mq["int8"]["flow"] == "pt2e" and mq["scales"]["weight"]["scales"] == 22
+    assert mq["runtimes"]["onnxruntime"]["agrees_with_torch"] is True
+    _check_artifacts(tmp_path / "p" / "qat-pt2e", mq, x, y)
     # a fresh process with only torch and torchao loads it (torchao registers the q/dq ops)
     import subprocess
     import sys
@@ -122,6 +196,8 @@ def test_ptq_pt2e_writes_artifacts_that_load_without_qlab(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "(3, 10)", proc.stderr[-2000:]
     # the outside baseline: ONNX Runtime's quantize_static on the same calibration batches
+    import onnxruntime as ort
+
     run_cli("quantize.py", "stage=ptq", "name=p", "quant.flow=ort", "tag=-ort", *TINY20,
             outputs=tmp_path, timeout=900)
     mo = read_metrics(tmp_path / "p" / "ptq-ort" / "metrics.json")

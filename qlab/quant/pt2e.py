@@ -1,17 +1,32 @@
 """The po2 qconfig for torchao's PT2E flow: the same observers on torchao's classes (its
-prepare_pt2e / convert_pt2e refuse torch.ao ones) and a QuantizationConfig for
-X86InductorQuantizer."""
+prepare_pt2e / convert_pt2e refuse torch.ao ones), a QuantizationConfig for
+X86InductorQuantizer, and the QAT callback that fine-tunes an exported, fake-quantized graph."""
 
 from __future__ import annotations
 
+import types
+import warnings
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig
-from torchao.quantization.pt2e import FakeQuantize
+from torch import Tensor, nn
+from torchao.quantization.pt2e import (
+    FakeQuantize,
+    allow_exported_model_train_eval,
+    disable_observer,
+    move_exported_model_to_eval,
+    move_exported_model_to_train,
+)
 from torchao.quantization.pt2e import observer as ao_observer
+from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
+from qlab.artifacts import export_program
 from qlab.errors import QlabError
 from qlab.quant.observer import _Po2Mixin
+from qlab.quant.qat import QATCallback
 from qlab.quant.qconfig import weight_range
 
 
@@ -62,3 +77,73 @@ def po2_quantization_config(quant: DictConfig, *, qat: bool) -> QuantizationConf
         qscheme=torch.per_channel_symmetric if quant.per_channel else torch.per_tensor_symmetric,
         ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=w_ctr)
     return QuantizationConfig(act, None, weight, None, is_qat=qat)
+
+
+def x86_quantizer(quant: DictConfig, *, qat: bool) -> X86InductorQuantizer:
+    """X86InductorQuantizer with the po2 config on every supported op."""
+    quantizer = X86InductorQuantizer()
+    quantizer.set_global(po2_quantization_config(quant, qat=qat))
+    return quantizer
+
+
+# the batch norm ops of an exported graph; args[5] is `training`
+_BATCH_NORMS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default)
+
+
+def freeze_batch_norm(gm: torch.fx.GraphModule) -> int:
+    """Set training=False on every batch norm of an exported (train-mode) graph: BN then
+    normalizes with its running statistics and stops updating them, as eager freeze_bn_stats.
+    Returns how many nodes changed."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.target in _BATCH_NORMS and node.args[5] is True:
+            node.args = (*node.args[:5], False, *node.args[6:])
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _train_keeping_frozen_bn(gm: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
+    """model.train(mode) for a prepared QAT graph: torchao's rewrite of the BN/dropout patterns,
+    then BN frozen again if the schedule froze it."""
+    if not mode:
+        move_exported_model_to_eval(gm)
+        return gm
+    move_exported_model_to_train(gm)
+    if getattr(gm, "qlab_bn_frozen", False):
+        freeze_batch_norm(gm)
+    return gm
+
+
+class Pt2eQATCallback(QATCallback):
+    """QAT on torchao's PT2E flow: torch.export the FP32 network in train mode, prepare_qat_pt2e
+    with the po2 QAT config (conv-BN fused for training by the quantizer's patterns), and swap
+    the exported graph in as the LightningModule's network. model.train()/eval() switch BN and
+    dropout in the graph (torchao's move_exported_model_to_train/eval); frozen BN stays frozen
+    through those switches."""
+
+    def __init__(self, *, quant: DictConfig, example: Tensor, fp32_weights: Path | None,
+                 freeze_observer_epoch: int, freeze_bn_epoch: int) -> None:
+        super().__init__(qconfig=None, fp32_weights=fp32_weights,
+                         freeze_observer_epoch=freeze_observer_epoch,
+                         freeze_bn_epoch=freeze_bn_epoch)
+        self.quantizer = x86_quantizer(quant, qat=True)
+        self.example = example
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_qat_pt2e(export_program(model, self.example).module(),
+                                        self.quantizer)
+        allow_exported_model_train_eval(prepared)  # eval(): torchao's pattern rewrite
+        prepared.train = types.MethodType(_train_keeping_frozen_bn, prepared)
+        prepared.train()
+        return prepared
+
+    def freeze_observers(self, model: nn.Module) -> None:
+        model.apply(disable_observer)
+
+    def freeze_bn(self, model: nn.Module) -> None:
+        model.qlab_bn_frozen = True
+        freeze_batch_norm(model)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization import QConfig, disable_observer, prepare_qat
 
@@ -17,9 +18,10 @@ class QATCallback(L.Callback):
 
     Preparing in setup() means it happens before DDP wraps the model and before Lightning
     restores a checkpoint, so a resumed QAT run loads fake-quant state into a fake-quant model.
+    A flow with another graph form (PT2E) overrides prepare, freeze_observers and freeze_bn.
     """
 
-    def __init__(self, *, qconfig: QConfig, fp32_weights: Path | None,
+    def __init__(self, *, qconfig: QConfig | None, fp32_weights: Path | None,
                  freeze_observer_epoch: int, freeze_bn_epoch: int) -> None:
         self.qconfig, self.fp32_weights = qconfig, fp32_weights
         self.freeze_observer_epoch, self.freeze_bn_epoch = freeze_observer_epoch, freeze_bn_epoch
@@ -32,17 +34,28 @@ class QATCallback(L.Callback):
         if self.fp32_weights is not None:
             load_fp32_weights(model, self.fp32_weights)
         model.train()
+        pl_module.model = self.prepare(model)
+        self.prepared = True
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The FP32 network (train mode) made fake-quantized, in place or as a new module."""
         model.fuse_model(is_qat=True)
         model.qconfig = self.qconfig
         prepare_qat(model, inplace=True)
-        self.prepared = True
+        return model
+
+    def freeze_observers(self, model: nn.Module) -> None:
+        model.apply(disable_observer)
+
+    def freeze_bn(self, model: nn.Module) -> None:
+        model.apply(nniqat.freeze_bn_stats)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch >= self.freeze_observer_epoch:
-            pl_module.model.apply(disable_observer)
+            self.freeze_observers(pl_module.model)
         if epoch >= self.freeze_bn_epoch:
-            pl_module.model.apply(nniqat.freeze_bn_stats)
+            self.freeze_bn(pl_module.model)
 
 
 def fake_quant_scales(model: torch.nn.Module) -> dict[str, torch.Tensor]:

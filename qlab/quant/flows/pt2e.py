@@ -15,33 +15,46 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchao.quantization.pt2e import allow_exported_model_train_eval
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
 from qlab import artifacts
 from qlab.errors import QlabError
 from qlab.models import Deployable
 from qlab.quant.flows.base import Flow
 from qlab.quant.observer import _Po2Mixin
-from qlab.quant.pt2e import po2_quantization_config
+from qlab.quant.pt2e import Pt2eQATCallback, x86_quantizer
 from qlab.quant.scales import po2_row
 from qlab.runtimes import OnnxRuntime
 
 
 def observer_rows(prepared: nn.Module) -> list[tuple[str, str, _Po2Mixin]]:
-    """(layer, weight|activation, observer) for every po2 observer PT2E inserted, named by the
-    graph node it observes."""
+    """(layer, weight|activation, observer) for every po2 observer PT2E inserted. A weight is
+    named by the parameter it reads (in a QAT graph through the conv-BN scale factor, so the
+    int8 dtype of its observer decides), an activation by the graph node it observes."""
     observed = {}
     for node in prepared.graph.nodes:
         if node.op == "call_module" and node.args:
-            src = node.args[0]
-            observed[str(node.target)] = (src.name, "weight" if src.op == "get_attr" else
-                                          "activation")
+            observed[str(node.target)] = node.args[0]
     rows = []
     for name, mod in prepared.named_modules():
         obs = getattr(mod, "activation_post_process", mod)
         if isinstance(obs, _Po2Mixin) and name in observed:
-            rows.append((*observed[name], obs))
+            src = observed[name]
+            if obs.dtype == torch.int8:
+                rows.append((_parameter_read_by(src), "weight", obs))
+            else:
+                rows.append((src.name, "activation", obs))
     return rows
+
+
+def _parameter_read_by(node: torch.fx.Node) -> str:
+    """The get_attr (parameter) nearest upstream of `node`, first argument first."""
+    queue = [node]
+    while queue:
+        n = queue.pop(0)
+        if n.op == "get_attr":
+            return n.name
+        queue += [a for a in n.args if isinstance(a, torch.fx.Node)]
+    return node.name
 
 
 class Pt2eFlow(Flow):
@@ -49,8 +62,7 @@ class Pt2eFlow(Flow):
     kernels = "onednn"  # inductor lowers the x86 quantizer's patterns to oneDNN qconv/qlinear
 
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
-        quantizer = X86InductorQuantizer()
-        quantizer.set_global(po2_quantization_config(quant, qat=False))
+        quantizer = x86_quantizer(quant, qat=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.eval()
@@ -60,8 +72,9 @@ class Pt2eFlow(Flow):
 
     def qat_callback(self, quant: DictConfig, fp32_weights: Path | None,
                      example: Tensor) -> L.Callback:
-        raise QlabError("stage=qat with quant.flow=pt2e is not available yet: fine-tune with the "
-                        "eager flow (quant.flow=eager, the default); PTQ runs with either flow.")
+        return Pt2eQATCallback(quant=quant, example=example, fp32_weights=fp32_weights,
+                               freeze_observer_epoch=quant.qat.freeze_observer_epoch,
+                               freeze_bn_epoch=quant.qat.freeze_bn_epoch)
 
     def scale_table(self, prepared: nn.Module) -> list[dict]:
         return [po2_row(layer, tensor, obs) for layer, tensor, obs in observer_rows(prepared)]
@@ -70,6 +83,7 @@ class Pt2eFlow(Flow):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             int8 = convert_pt2e(copy.deepcopy(prepared))
+        snap_graph_biases(int8)
         _drop_unused_tensors(int8)
         allow_exported_model_train_eval(int8)
         int8.eval()
@@ -93,6 +107,46 @@ class Pt2eFlow(Flow):
 
     def runtimes(self, out: Path) -> dict[str, nn.Module]:
         return {"onnxruntime": OnnxRuntime(out / "model_int8.onnx")}
+
+
+_LAYERS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+_DEQUANTIZE = ("dequantize_per_tensor", "dequantize_per_channel")
+
+
+def _dq_scale(gm: torch.fx.GraphModule, node: object) -> Tensor | None:
+    """The scale(s) of a dequantize node (a literal or a graph constant), None otherwise."""
+    if not isinstance(node, torch.fx.Node) or not any(
+            d in str(node.target) for d in _DEQUANTIZE):
+        return None
+    scale = node.args[1]
+    if isinstance(scale, torch.fx.Node):
+        return getattr(gm, scale.target).detach().double()
+    return torch.tensor(float(scale), dtype=torch.float64)
+
+
+def snap_graph_biases(gm: torch.fx.GraphModule) -> int:
+    """Every conv/linear bias of a converted PT2E graph on its accumulator grid s_in * s_w, as
+    the eager flow's snap_biases: integer kernels (ONNX Runtime's QLinearConv, oneDNN) add an
+    int32 bias, the reference graph a float one; on the grid, with po2 scales, they add the same
+    number. Returns how many biases moved."""
+    moved = 0
+    for node in gm.graph.nodes:
+        if node.target not in _LAYERS or len(node.args) < 3 or node.args[2] is None:
+            continue
+        s_in, s_w = _dq_scale(gm, node.args[0]), _dq_scale(gm, node.args[1])
+        bias = node.args[2]
+        if s_in is None or s_w is None or bias.op != "get_attr":
+            continue
+        owner, _, attr = str(bias.target).rpartition(".")
+        holder = gm.get_submodule(owner) if owner else gm
+        b = getattr(holder, attr)
+        step = s_in * s_w
+        snapped = (torch.round(b.detach().double() / step) * step).to(b.dtype)
+        if not torch.equal(snapped, b.detach()):
+            with torch.no_grad():
+                b.copy_(snapped)
+            moved += 1
+    return moved
 
 
 def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
