@@ -18,6 +18,7 @@ from torch import Tensor
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from qlab.errors import QlabError  # noqa: E402
 from qlab.models import Deployable  # noqa: E402
 
 
@@ -25,7 +26,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) then rename tmp to path, so a crash never leaves half a file at path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # the suffix kept: some writers (torch.export.save) name their contents after the file
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -187,19 +189,66 @@ def save_onnx(program: torch.export.ExportedProgram, example: Tensor, path: Path
                           input_names=["image"], output_names=["logits"])
 
 
+def _quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype):
+    return torch.clamp(torch.round(x.to(torch.float32) * (1.0 / scale)) + zero_point,
+                       quant_min, quant_max).to(dtype)
+
+
+def _dequantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype, *, out_dtype=None):
+    return (x.to(out_dtype or torch.float32) - zero_point) * scale
+
+
+def _dequantize_per_channel(x, scales, zero_points, axis, quant_min, quant_max, dtype, *,
+                            out_dtype=None):
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    out = x.to(torch.float32)
+    if zero_points is not None:
+        out = out - zero_points.view(shape).to(torch.float32)
+    return (out * scales.view(shape).to(torch.float32)).to(out_dtype or torch.float32)
+
+
+def portable_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program with the quantized_decomposed quantize/dequantize ops (which only torchao
+    registers) written as the aten ops they compute (the same formulas: round half to even,
+    clamp, integer storage kept), so plain `import torch` loads and runs it with identical
+    results. A program without them is returned as is."""
+    used = {str(n.target).split(".")[1] for n in program.graph.nodes
+            if str(n.target).startswith("quantized_decomposed.")}
+    if not used:
+        return program
+    qd = torch.ops.quantized_decomposed
+    table = {qd.quantize_per_tensor.default: _quantize_per_tensor,
+             qd.dequantize_per_tensor.default: _dequantize_per_tensor,
+             qd.dequantize_per_channel.default: _dequantize_per_channel}
+    known = {op.name().split("::")[1] for op in table}
+    if used - known:
+        raise QlabError(f"The exported program uses quantized_decomposed ops {sorted(used - known)} "
+                        f"that have no plain-torch form here; only {sorted(known)} do.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return program.run_decompositions(table)
+
+
+def save_program(path: Path, program: torch.export.ExportedProgram, meta: dict) -> Path:
+    """torch.export.save, `meta` as the extra file qlab.json, written atomically."""
+    extra = {META_FILE: json.dumps(meta, sort_keys=True)}
+    with warnings.catch_warnings():  # "No complete tensor found in the group": CPU weights
+        warnings.simplefilter("ignore", UserWarning)
+        return atomic_write(path, lambda tmp: torch.export.save(program, str(tmp),
+                                                                extra_files=extra))
+
+
 def save_exported(out: Path, stem: str, deployable: torch.nn.Module, example: Tensor,
                   meta: dict, *, pt2: bool = True, onnx: bool = True
                   ) -> torch.export.ExportedProgram:
-    """out/STEM.pt2 (torch.export.save, `meta` as extra file qlab.json) and out/STEM.onnx (the
-    dynamo ONNX exporter) of a float [0,1] NCHW -> logits module, each written atomically."""
+    """out/STEM.pt2 (torch.export.save of the portable program: plain torch loads it) and
+    out/STEM.onnx (the dynamo ONNX exporter, QDQ for a quantized program) of a float [0,1]
+    NCHW -> logits module, each written atomically. Returns the program as exported."""
     example = torch.rand(2, *example.shape[1:])
     program = export_program(deployable, example)
-    extra = {META_FILE: json.dumps(meta, sort_keys=True)}
     if pt2:
-        with warnings.catch_warnings():  # "No complete tensor found in the group": CPU weights
-            warnings.simplefilter("ignore", UserWarning)
-            atomic_write(Path(out) / f"{stem}.pt2",
-                         lambda tmp: torch.export.save(program, str(tmp), extra_files=extra))
+        save_program(Path(out) / f"{stem}.pt2", portable_program(program), meta)
     if onnx:
         atomic_write(Path(out) / f"{stem}.onnx", lambda tmp: save_onnx(program, example, tmp))
     return program

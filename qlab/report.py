@@ -17,7 +17,7 @@ from qlab.errors import QlabError
 from qlab.hardware import check_int8_exact, resolve_config
 from qlab.models import Deployable
 from qlab.quant.qconfig import set_backend
-from qlab.runtimes import OnnxRuntime, load_pt2
+from qlab.runtimes import OnnxRuntime, inductor, load_pt2, load_pt2e
 
 log = logging.getLogger(__name__)
 STAGES = ("fp32", "ptq", "qat")
@@ -49,28 +49,86 @@ def _fp32_eager(run_dir: Path, m: dict) -> torch.nn.Module | None:
     return Deployable(load_fp32_weights(model, weights), mean, std).eval()
 
 
+def _own_forms(m: dict) -> tuple[str, ...]:
+    """The forms whose accuracy is the stage's own test accuracy (the model it evaluated)."""
+    if m["stage"] == "fp32":
+        return ("eager", "torchscript-frozen")
+    flow = (m.get("int8") or {}).get("flow", "eager")
+    return {"eager": ("torchscript-frozen",), "ort": ("onnxruntime",)}.get(flow, ())
+
+
+def form_accuracy(m: dict, form: str) -> float | None:
+    """The test accuracy measured for one runtime of a stage; None where none was measured."""
+    measured = (m.get("runtimes") or {}).get(form, {}).get("accuracy")
+    if measured is not None:
+        return measured
+    return m["accuracy"] if form in _own_forms(m) else None
+
+
+def _runtimes_of(folder: Path, m: dict, cfg: DictConfig) -> dict[str, object]:
+    """Every runtime of the artifacts in one stage folder, loaded (compiled for inductor)."""
+    kind = "fp32" if m["stage"] == "fp32" else "int8"
+    size = int(m.get("image_size") or 32)
+    runs = {}
+    path = folder / MODEL_FILE[m["stage"]]
+    if path.is_file():
+        runs["torchscript-frozen"] = _load_scripted(path, cfg.quant.backend)
+    eager = _fp32_eager(folder, m) if m["stage"] == "fp32" else None
+    if eager is not None:
+        runs["eager"] = eager
+    if (pt2 := folder / f"model_{kind}.pt2").is_file():
+        runs["torch.export"] = load_pt2(pt2)
+    if cfg.bench.inductor:
+        # FP32: the eager model compiled; INT8: the convert_pt2e graph, lowered to int8 kernels
+        source = (eager if eager is not None else runs.get("torch.export")) if kind == "fp32" \
+            else (load_pt2e(f) if (f := folder / "model_int8_pt2e.pt2").is_file() else None)
+        if source is not None:
+            runs["inductor"] = inductor(source, size)
+    if (onnx := folder / f"model_{kind}.onnx").is_file():
+        runs["onnxruntime"] = OnnxRuntime(onnx)
+    return runs
+
+
 def remeasure_latency(run: Path, found: dict[str, dict], cfg: DictConfig) -> dict[str, dict]:
-    """Every exported model in this one process, same threads, same input, same runs.
-    FP32 counts in its best form: eager or frozen TorchScript, whichever is faster here."""
+    """Every runtime of every stage's artifacts in this one process, same threads, same input,
+    same runs: eager, frozen TorchScript, torch.export (.pt2), inductor (torch.compile) and ONNX
+    Runtime, where the stage wrote the file. Each stage counts in its fastest form."""
     out = {}
     bench = {"runs": cfg.bench.runs, "warmup": cfg.bench.warmup, "threads": cfg.bench.threads}
     for stage, m in found.items():
-        forms = {}
-        path = run / stage / MODEL_FILE[m["stage"]]
-        if path.is_file():
-            model = _load_scripted(path, cfg.quant.backend)
-            forms["torchscript-frozen"] = measure_latency(model, **bench)
-        if m["stage"] == "fp32" and (eager := _fp32_eager(run / stage, m)) is not None:
-            forms["eager"] = measure_latency(eager, **bench)
-        kind = "fp32" if m["stage"] == "fp32" else "int8"
-        for suffix, form, load in ((".pt2", "torch.export", load_pt2),
-                                   (".onnx", "onnxruntime", OnnxRuntime)):
-            if (file := run / stage / f"model_{kind}{suffix}").is_file():
-                forms[form] = measure_latency(load(file), **bench)
+        forms = {form: measure_latency(model, **bench, image_size=int(m.get("image_size") or 32))
+                 for form, model in _runtimes_of(run / stage, m, cfg).items()}
         if forms:
             best = min(forms, key=lambda f: forms[f]["median_ms"])
             out[stage] = forms[best] | {"form": best, "forms": forms}
     return out
+
+
+def runtime_rows(found: dict[str, dict], latency: dict[str, dict]) -> list[dict]:
+    """One row per (stage, runtime) measured: accuracy where measured, latency, speedup against
+    the fastest FP32 runtime of this run."""
+    base = latency.get("fp32", {}).get("median_ms")
+    rows = []
+    for stage, lat in latency.items():
+        for form, t in sorted(lat["forms"].items(), key=lambda kv: kv[1]["median_ms"]):
+            rows.append({"model": stage.upper(), "runtime": form,
+                         "accuracy": form_accuracy(found[stage], form),
+                         "latency_ms": t["median_ms"], "latency_p90_ms": t["p90_ms"],
+                         "speedup": base / t["median_ms"] if base else None})
+    return rows
+
+
+def runtimes_table(rows: list[dict]) -> str:
+    """The runtimes as a Markdown table."""
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = ["| Model | Runtime | Accuracy (%) | Latency (ms) | p90 (ms) | Speedup |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['runtime']} | {f(r['accuracy'], '.2f')} | "
+              f"{f(r['latency_ms'], '.3f')} | {f(r['latency_p90_ms'], '.3f')} | "
+              f"{f(r['speedup'], '.2f')}x |" for r in rows]
+    return "\n".join(lines)
 
 
 def build_rows(found: dict[str, dict], latency: dict[str, dict]) -> list[dict]:
@@ -155,25 +213,33 @@ def run_report(cfg: DictConfig) -> dict:
     latency = remeasure_latency(run, found, cfg)
     rows = build_rows(found, latency)
     table = markdown_table(rows)
+    by_runtime = runtime_rows(found, latency)
     missing = [s for s in STAGES if s not in found]
     if "fp32" not in found:
         log.warning("No FP32 run under %s: compression, accuracy drop and speedup are n/a.", run)
+    size = int(next(iter(found.values())).get("image_size") or 32)
     text = "\n".join([
         f"# qlab report: {cfg.name}", "",
-        f"{next(iter(found.values()))['num_test_images']} test images; latency: one 3x32x32 image, "
-        f"median of {cfg.bench.runs} runs, all models in one process, "
+        f"{next(iter(found.values()))['num_test_images']} test images; latency: one 3x{size}x{size} "
+        f"image, median of {cfg.bench.runs} runs, every runtime in one process, "
         f"{torch.get_num_threads() if not cfg.bench.threads else cfg.bench.threads} threads, "
-        f"INT8 as frozen TorchScript on the {cfg.quant.backend} engine, FP32 in its faster form "
+        f"INT8 TorchScript on the {cfg.quant.backend} engine; each model in its fastest runtime "
+        f"(below), speedup against the fastest FP32 one "
         f"({latency.get('fp32', {}).get('form', 'n/a')}); CPU: {hw['cpu']} "
         f"({hw['cpu_capability']}, int8 pair sums saturate at int16: "
         f"{'yes' if hw.get('int8_saturates') else 'no'})"
         f"{', ISA limited by ' + str(hw['isa_limits']) if hw.get('isa_limits') else ''}.", "",
         table, "",
         *((f"Missing: {', '.join(missing)} (not run yet).", "") if missing else ()),
+        "## Runtimes", "",
+        "Every runtime of every model's artifacts, fastest first; accuracy as the stage measured "
+        "it through that runtime on the test split (n/a: not measured there).", "",
+        runtimes_table(by_runtime), "",
         "![curves and confusion matrices](report.png)", ""])
     artifacts.atomic_write(run / "report.md", lambda tmp: tmp.write_text(text))
     save_figure(run / "report.png", run, found)
-    report = {"name": cfg.name, "rows": rows, "missing": missing, "latency": latency,
+    report = {"name": cfg.name, "rows": rows, "runtimes": by_runtime, "missing": missing,
+              "latency": latency,
               "threads": cfg.bench.threads or torch.get_num_threads(), "hardware": hw,
               "made_on": {s: m.get("hardware") for s, m in found.items()}}
     artifacts.write_json(run / "report.json", report)

@@ -1,5 +1,6 @@
-"""Loaders for the exported artifacts that need neither qlab nor TorchScript: torch.export
-(.pt2) and ONNX Runtime (.onnx). Each gives a callable: float [0,1] NCHW in, logits out."""
+"""Runtimes for the exported artifacts that need neither qlab nor TorchScript: torch.export
+(.pt2), inductor (torch.compile) and ONNX Runtime (.onnx). Each gives a callable: float [0,1]
+NCHW in, logits out."""
 
 from __future__ import annotations
 
@@ -34,8 +35,23 @@ class OnnxRuntime:
 
 
 def load_pt2(path: Path) -> torch.nn.Module:
-    """torch.export.load(path).module(), as a user would. An INT8 program holds torchao's
-    quantized_decomposed ops, which `import torchao` registers (plain torch does not)."""
-    import torchao  # noqa: F401  (an optional runtime: imported only when a .pt2 is loaded)
+    """torch.export.load(path).module(), as a user would: model_*.pt2 are portable programs
+    (aten ops only) that plain torch loads."""
+    return torch.export.load(str(path)).module()
+
+
+def load_pt2e(path: Path) -> torch.nn.Module:
+    """A convert_pt2e program (model_int8_pt2e.pt2): its quantize/dequantize ops are torchao's
+    quantized_decomposed ops, which `import torchao` registers."""
+    import torchao  # noqa: F401  (an optional runtime: imported only when such a file is loaded)
 
     return torch.export.load(str(path)).module()
+
+
+def inductor(module: torch.nn.Module, image_size: int, channels: int = 3) -> torch.nn.Module:
+    """torch.compile(module) with inductor's freezing (weights folded into the kernels; what
+    lowers a PT2E INT8 graph to oneDNN int8 convolutions), compiled now on one image."""
+    compiled = torch.compile(module, options={"freezing": True})
+    with torch.inference_mode():
+        compiled(torch.rand(1, channels, image_size, image_size))
+    return compiled

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlab import artifacts
 from qlab.data import ImageDataModule
 from qlab.errors import QlabError
+from qlab.evaluate import evaluate
 from qlab.module import LitClassifier
 
 
@@ -127,6 +128,7 @@ def base_metrics(cfg: DictConfig, stage: str, dm: ImageDataModule, out: Path) ->
         "stage": stage,
         "name": cfg.name,
         "num_test_images": int(len(dm.splits["test"][1])),
+        "image_size": dm.image_size,
         "classes": list(dm.classes),
         "mean": list(dm.mean),
         "std": list(dm.std),
@@ -134,6 +136,14 @@ def base_metrics(cfg: DictConfig, stage: str, dm: ImageDataModule, out: Path) ->
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data_source": dm.source,
     }
+
+
+def evaluate_runtimes(runs: dict, dm: ImageDataModule, cfg: DictConfig) -> dict[str, dict]:
+    """The test split through each runtime of the exported artifacts (float [0,1] images in)."""
+    return {name: evaluate(run, dm.test_dataloader(), num_classes=dm.num_classes,
+                           mean=[0.0] * len(dm.mean), std=[1.0] * len(dm.std),
+                           label_smoothing=cfg.module.label_smoothing)
+            for name, run in runs.items()}
 
 
 def bench_args(cfg: DictConfig, dm: ImageDataModule) -> dict:

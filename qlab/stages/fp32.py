@@ -8,10 +8,9 @@ from omegaconf import DictConfig
 
 from qlab import artifacts
 from qlab.bench import measure_latency
-from qlab.evaluate import evaluate
 from qlab.hardware import resolve_config
 from qlab.models import Deployable
-from qlab.runtimes import OnnxRuntime
+from qlab.runtimes import OnnxRuntime, inductor
 from qlab.stages.common import (
     base_metrics,
     bench_args,
@@ -19,6 +18,7 @@ from qlab.stages.common import (
     build_lit,
     build_model,
     build_trainer,
+    evaluate_runtimes,
     export,
     fit_and_test,
     output_dir,
@@ -27,20 +27,21 @@ from qlab.stages.common import (
 
 
 def export_more(cfg: DictConfig, model, dm, out, meta: dict) -> dict:
-    """model_fp32.pt2 and model_fp32.onnx (cfg.export), and the test accuracy of the ONNX file
-    under ONNX Runtime."""
+    """model_fp32.pt2 and model_fp32.onnx (cfg.export), and the test accuracy of the runtimes
+    that run them: inductor (torch.compile, with the .pt2) and ONNX Runtime (the .onnx)."""
     if not (cfg.export.pt2 or cfg.export.onnx):
         return {}
     deployable = Deployable(model, dm.mean, dm.std).eval()
     example = torch.zeros(1, len(dm.mean), dm.image_size, dm.image_size)
     artifacts.save_exported(out, "model_fp32", deployable, example, meta,
                             pt2=cfg.export.pt2, onnx=cfg.export.onnx)
-    if not cfg.export.onnx:
-        return {}
-    r = evaluate(OnnxRuntime(out / "model_fp32.onnx"), dm.test_dataloader(),
-                 num_classes=dm.num_classes, mean=[0.0] * len(dm.mean), std=[1.0] * len(dm.std),
-                 label_smoothing=cfg.module.label_smoothing)
-    return {"onnxruntime": {"accuracy": r["accuracy"], "loss": r["loss"]}}
+    runs = {}
+    if cfg.export.pt2:
+        runs["inductor"] = inductor(deployable, dm.image_size, len(dm.mean))
+    if cfg.export.onnx:
+        runs["onnxruntime"] = OnnxRuntime(out / "model_fp32.onnx")
+    results = evaluate_runtimes(runs, dm, cfg)
+    return {name: {"accuracy": r["accuracy"], "loss": r["loss"]} for name, r in results.items()}
 
 
 def run_fp32(cfg: DictConfig) -> dict | None:

@@ -32,6 +32,7 @@ from qlab.stages.common import (
     build_datamodule,
     build_lit,
     build_trainer,
+    evaluate_runtimes,
     fit_and_test,
     output_dir,
     resume_path,
@@ -61,11 +62,10 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
                              meta=record | {"hardware": extra.get("hardware", {})},
                              example=example_input(dm))
     latency = measure_latency(deployable, **bench_args(cfg, dm))
-    # the same test split through every other runtime of the artifacts (fed [0,1] images)
-    runtimes = {name: evaluate(run, dm.test_dataloader(), num_classes=dm.num_classes,
-                               mean=[0.0] * len(dm.mean), std=[1.0] * len(dm.std),
-                               label_smoothing=cfg.module.label_smoothing)
-                for name, run in flow.runtimes(out).items()}
+    # the same test split through every other runtime of the artifacts (fed [0,1] images),
+    # and through the deployed form when it is not the converted model itself
+    others = flow.runtimes(out) | ({flow.deployed_form: deployable} if flow.deployed_form else {})
+    runtimes = evaluate_runtimes(others, dm, cfg)
     title = f"{stage.upper()} INT8 test ({result['accuracy']:.2f}%)"
     confmat = result.pop("confmat")
     artifacts.save_confusion(out / "confusion_matrix.png", confmat, dm.classes, title)

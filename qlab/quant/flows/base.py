@@ -17,6 +17,8 @@ class Flow(ABC):
     name: str
     kernels: str | None = None  # the INT8 kernels its models run on; None: quant.backend's
     kind: str | None = None     # its scales when not quant.kind's
+    deployed_form: str | None = None  # the runtime export() returns when it is not the converted
+                                      # model itself (its test accuracy is then measured too)
 
     @abstractmethod
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:

@@ -1,5 +1,6 @@
 """The PT2E flow (torchao.quantization.pt2e): torch.export the FP32 model, X86InductorQuantizer
-with the po2 config, calibrate, convert_pt2e; artifacts model_int8.pt2 (torch.export) and
+with the po2 config, calibrate (PTQ) or fine-tune (QAT), convert_pt2e; artifacts model_int8.pt2
+(portable: plain torch loads it), model_int8_pt2e.pt2 (the q/dq graph inductor lowers) and
 model_int8.onnx (QDQ, run by ONNX Runtime); CPU latency of the inductor-compiled model."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from qlab.quant.flows.base import Flow
 from qlab.quant.observer import _Po2Mixin
 from qlab.quant.pt2e import Pt2eQATCallback, x86_quantizer
 from qlab.quant.scales import po2_row
-from qlab.runtimes import OnnxRuntime
+from qlab.runtimes import OnnxRuntime, inductor, load_pt2
 
 
 def observer_rows(prepared: nn.Module) -> list[tuple[str, str, _Po2Mixin]]:
@@ -60,6 +61,7 @@ def _parameter_read_by(node: torch.fx.Node) -> str:
 class Pt2eFlow(Flow):
     name = "pt2e"
     kernels = "onednn"  # inductor lowers the x86 quantizer's patterns to oneDNN qconv/qlinear
+    deployed_form = "inductor"
 
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
         quantizer = x86_quantizer(quant, qat=False)
@@ -98,15 +100,14 @@ class Pt2eFlow(Flow):
     def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
                meta: dict, example: Tensor) -> nn.Module:
         deployable = Deployable(int8, mean, std).eval()
-        artifacts.save_exported(out, "model_int8", deployable, example, meta)
-        example = torch.rand(2, *example.shape[1:])  # [0, 1] images
-        compiled = torch.compile(deployable)
-        with torch._inductor.config.patch(freezing=True), torch.inference_mode():
-            compiled(example[:1])  # compile now, with weights frozen into the kernels
-        return compiled
+        program = artifacts.save_exported(out, "model_int8", deployable, example, meta)
+        # the convert_pt2e graph itself: what torch.compile lowers to oneDNN int8 kernels
+        artifacts.save_program(out / "model_int8_pt2e.pt2", program, meta)
+        return inductor(deployable, example.shape[-1], example.shape[1])
 
     def runtimes(self, out: Path) -> dict[str, nn.Module]:
-        return {"onnxruntime": OnnxRuntime(out / "model_int8.onnx")}
+        return {"torch.export": load_pt2(out / "model_int8.pt2"),
+                "onnxruntime": OnnxRuntime(out / "model_int8.onnx")}
 
 
 _LAYERS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
