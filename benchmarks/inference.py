@@ -1,6 +1,10 @@
-"""FP32 vs PTQ-INT8 vs QAT-INT8 ResNet-50 on CPU: latency (1 image) and throughput (batch 256).
+"""FP32 vs PTQ-INT8 vs QAT-INT8 ResNet-50 on CPU: latency (1 image) and throughput (batch 256),
+in every runtime a user could pick: eager, frozen TorchScript (per INT8 engine), inductor
+(torch.compile, freezing), ONNX Runtime; INT8 also down torchao's PT2E flow (inductor, ONNX
+Runtime) and, as the outside baseline, ONNX Runtime's own quantize_static.
 
 python benchmarks/inference.py [--runs 1000] [--batch-iters 3] [--stems cifar,imagenet]
+                               [--no-export-runtimes]
 """
 
 from __future__ import annotations
@@ -8,13 +12,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.ao.quantization import convert
 
-from qlab.artifacts import freeze
+from qlab.artifacts import export_program, freeze, save_onnx
 from qlab.bench import measure_latency
 from qlab.hardware import (
     check_int8_exact,
@@ -24,13 +31,16 @@ from qlab.hardware import (
     resolve_engine,
 )
 from qlab.models import build_resnet50
+from qlab.quant.flows import get_flow
 from qlab.quant.ptq import calibrate, prepare_ptq
 from qlab.quant.qat import QATCallback
 from qlab.quant.qconfig import build_qconfig, set_backend
+from qlab.runtimes import OnnxRuntime, inductor
 
 from common import print_table, save
 
 warnings.filterwarnings("ignore")
+NOT_ENGINES = ("-", "onnxruntime")  # rows not run by a torch.backends.quantized engine
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
@@ -45,12 +55,39 @@ def throughput(fn, batch: int, iters: int) -> float:
     return batch * iters / (time.perf_counter() - t0)
 
 
+QUANT = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "quant" / "po2.yaml")
+
+
+def calibration_batches() -> list:
+    """Four batches of 32 random uint8 images (the same for every flow)."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g), None)
+            for _ in range(4)]
+
+
+def onnx_session(model: torch.nn.Module) -> OnnxRuntime:
+    """The model exported (torch.export, dynamic batch) to ONNX and run by ONNX Runtime."""
+    example = torch.zeros(2, 3, 32, 32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_onnx(export_program(model, example), example, path)
+        return OnnxRuntime(path.read_bytes())
+
+
+def flow_int8(flow_name: str, fp32: torch.nn.Module) -> torch.nn.Module:
+    """PTQ INT8 of `fp32` through a flow (pt2e: torchao's po2 PT2E graph; ort: ONNX Runtime's
+    quantize_static), calibrated on the same batches as the eager flow."""
+    flow = get_flow(flow_name)
+    example = torch.zeros(1, 3, 32, 32)
+    prepared = flow.prepare_ptq(copy.deepcopy(fp32).eval(), QUANT, example)
+    calibrate(prepared, calibration_batches(), batches=4, mean=MEAN, std=STD)
+    return flow.convert(prepared, example)
+
+
 def int8_models(stem: str, engine: str, fp32: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """PTQ (calibrated on random images) and QAT (one fake-quant step) INT8 copies for `engine`."""
     set_backend(engine)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g), None)
-               for _ in range(4)]
+    batches = calibration_batches()
     ptq = prepare_ptq(copy.deepcopy(fp32), build_qconfig(backend=engine))
     calibrate(ptq, batches, batches=4, mean=MEAN, std=STD)
     qat_model = copy.deepcopy(fp32)
@@ -93,15 +130,16 @@ def bench_stem(stem: str, args, rows: list, results: list, race: list) -> None:
     def record(model_name, form, engine, fn, ref=None):
         latency = measure_latency(fn, **lat)
         ips = throughput(fn, args.batch, args.batch_iters)
-        same = None
+        same = diff = None
         if ref is not None:
             x = torch.rand(8, 3, 32, 32)
             with torch.inference_mode():
-                same = bool(torch.equal(fn(x), ref(x)))
+                out, expected = fn(x), ref(x)
+            same, diff = bool(torch.equal(out, expected)), float((out - expected).abs().max())
         r = {"stem": stem, "model": model_name, "form": form, "engine": engine,
-             "int8_saturates": None if engine == "-" else int8_saturates(engine),
+             "int8_saturates": None if engine in NOT_ENGINES else int8_saturates(engine),
              "median_ms": latency["median_ms"], "p90_ms": latency["p90_ms"],
-             "batch_images_per_s": ips, "equals_eager": same}
+             "batch_images_per_s": ips, "equals_eager": same, "max_abs_diff_vs_eager": diff}
         results.append(r)
         print(f"  {stem:8s} {model_name:5s} {engine:7s} {form:18s} "
               f"{latency['median_ms']:7.3f} ms  {ips:8.1f} img/s", flush=True)
@@ -114,6 +152,13 @@ def bench_stem(stem: str, args, rows: list, results: list, race: list) -> None:
     record("fp32", "torchscript-frozen", "-", script_frozen(copy.deepcopy(fp32)))
     if native_cpu_bf16() or args.bf16:  # emulated bf16 is about 10x slower: not a contender
         record("fp32", "eager-bf16-autocast", "-", bf16)
+    if args.export_runtimes:
+        record("fp32", "inductor", "-", inductor(copy.deepcopy(fp32), 32), ref=fp32)
+        record("fp32", "onnxruntime", "-", onnx_session(fp32), ref=fp32)
+        pt2e = flow_int8("pt2e", fp32)  # the reference q/dq graph: "eager" of this flow
+        record("ptq", "pt2e-inductor", "onednn", inductor(pt2e, 32), ref=pt2e)
+        record("ptq", "pt2e-onnxruntime", "onnxruntime", onnx_session(pt2e), ref=pt2e)
+        record("ptq", "ort-quantize_static", "onnxruntime", flow_int8("ort", fp32))
     frozen_ptq = {}
     for engine in args.engines:
         models = int8_models(stem, engine, fp32)
@@ -147,6 +192,8 @@ def main() -> None:
     p.add_argument("--qat-all-forms", action="store_true", help="QAT on every engine, not just the first")
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds of the per-engine race (PTQ, frozen, one image); 1: no race")
+    p.add_argument("--no-export-runtimes", dest="export_runtimes", action="store_false",
+                   help="skip inductor, ONNX Runtime, PT2E and quantize_static rows")
     p.add_argument("--bf16", action="store_true",
                    help="also time bf16 autocast on a CPU that only emulates it (about 10x slower)")
     args = p.parse_args()

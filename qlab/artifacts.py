@@ -185,8 +185,10 @@ def save_onnx(program: torch.export.ExportedProgram, example: Tensor, path: Path
         logging.getLogger(name).setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # external_data=False: one self-contained file (the exporter otherwise moves large
+        # weights to PATH.data, named after the temporary file); ONNX's limit is 2 GB
         torch.onnx.export(program, (example,), str(path), dynamo=True, verbose=False,
-                          input_names=["image"], output_names=["logits"])
+                          input_names=["image"], output_names=["logits"], external_data=False)
 
 
 def _quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype):

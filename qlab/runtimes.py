@@ -55,3 +55,14 @@ def inductor(module: torch.nn.Module, image_size: int, channels: int = 3) -> tor
     with torch.inference_mode():
         compiled(torch.rand(1, channels, image_size, image_size))
     return compiled
+
+
+def int8_kernels_lowered() -> dict[str, int]:
+    """How many int8 convolutions / linears inductor has lowered to oneDNN kernels in this
+    process so far (its pattern-matcher counters): 0 means a graph ran as float ops between
+    quantize/dequantize pairs."""
+    from torch._dynamo.utils import counters
+
+    c = counters["inductor"]
+    return {"conv": int(c["qconv_unary_lower_count"] + c["qconv2d_binary_lower_count"]),
+            "linear": int(c["qlinear_unary_lower_count"] + c["qlinear_binary_lower_count"])}

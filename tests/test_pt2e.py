@@ -52,6 +52,10 @@ def test_every_scale_in_the_converted_graph_is_a_clamped_power_of_two(per_channe
         mantissa, exp = math.frexp(s)
         assert mantissa == 0.5 and -8 <= exp - 1 <= 8, s
     assert flow.weight_max(int8) <= 64  # quant.target=portable
+    weights = [n for n in int8.graph.nodes if "dequantize_per_channel" in str(n.target)]
+    assert len(weights) == 22  # per-tensor too: the per-channel form inductor lowers
+    shared = [bool((s == s[0]).all()) for s in (getattr(int8, n.args[1].target) for n in weights)]
+    assert all(shared) if not per_channel else not all(shared)
     rows = flow.scale_table(prepared)
     assert {r["tensor"] for r in rows} == {"weight", "activation"}
     assert sum(r["channels"] for r in rows if r["tensor"] == "weight") == (
@@ -151,6 +155,8 @@ def _check_artifacts(out, metrics: dict, x, y) -> None:
     import onnxruntime as ort
 
     assert {"torch.export", "inductor", "onnxruntime"} <= set(metrics["runtimes"])
+    lowered = metrics["int8"]["inductor_int8_kernels"]  # int8 kernels, not float convs
+    assert lowered["conv"] == 21 and lowered["linear"] == 1, lowered
     assert metrics["runtimes"]["torch.export"]["agrees_with_torch"] is True  # same graph
     assert metrics["runtimes"]["onnxruntime"]["agrees_with_torch"] is True  # exact integer math
     # inductor's oneDNN kernels add the output zero point before rounding (the reference after):
@@ -245,3 +251,19 @@ def test_pt2e_ptq_and_qat_write_artifacts_that_load_without_qlab(tmp_path):
         assert r["speedup"] == pytest.approx(fastest_fp32 / r["latency_ms"])
     text = (tmp_path / "p" / "report.md").read_text()
     assert "## Runtimes" in text and "| PTQ-PT2E | inductor |" in text
+
+
+def test_a_large_model_exports_to_one_self_contained_onnx_file(tmp_path):
+    """ResNet-50's 94 MB of weights once went to a side file named after the temporary file;
+    every .onnx is one file that loads from its bytes alone."""
+    from qlab import artifacts
+    from qlab.runtimes import OnnxRuntime
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8192),
+                                torch.nn.Linear(8192, 10)).eval()
+    artifacts.save_exported(tmp_path, "big", model, torch.zeros(1, 3, 32, 32), {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.pt2"]
+    x = torch.rand(3, 3, 32, 32)
+    got = OnnxRuntime.from_bytes((tmp_path / "big.onnx").read_bytes())(x)
+    with torch.inference_mode():
+        assert torch.allclose(got, model(x), atol=1e-4)

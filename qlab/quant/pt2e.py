@@ -47,6 +47,32 @@ class Po2AoMovingAveragePerChannelMinMaxObserver(
     """Per-channel po2 observer over a moving-average min/max (PT2E QAT weights)."""
 
 
+class _SharedScaleMixin:
+    """quant.per_channel=false on a per-channel observer: one po2 scale for the whole weight,
+    written once per output channel. Inductor's x86 int8 lowering matches per-channel weight
+    dequantization only (a per-tensor one stays a float convolution between q/dq ops); every
+    channel holding the same 2^n, the model is the per-tensor one. The scale table shows the one
+    scale."""
+
+    def po2_qparams(self, min_val: Tensor, max_val: Tensor) -> dict[str, Tensor]:
+        if min_val.numel():
+            min_val, max_val = min_val.min().reshape(1), max_val.max().reshape(1)
+        return super().po2_qparams(min_val, max_val)
+
+    def _calculate_qparams(self, min_val: Tensor, max_val: Tensor) -> tuple[Tensor, Tensor]:
+        scale, zero = super()._calculate_qparams(min_val, max_val)
+        return scale.expand(min_val.shape).contiguous(), zero.expand(min_val.shape).contiguous()
+
+
+class Po2AoSharedScaleObserver(_SharedScaleMixin, Po2AoPerChannelMinMaxObserver):
+    """Per-tensor po2 weight scale in per-channel form (PT2E PTQ weights)."""
+
+
+class Po2AoMovingAverageSharedScaleObserver(_SharedScaleMixin,
+                                            Po2AoMovingAveragePerChannelMinMaxObserver):
+    """Per-tensor po2 weight scale in per-channel form, moving-average (PT2E QAT weights)."""
+
+
 def po2_quantization_config(quant: DictConfig, *, qat: bool) -> QuantizationConfig:
     """quant=po2 as a PT2E QuantizationConfig: uint8 affine activations, int8 symmetric weights
     bounded by quant.target, every scale 2^n within +-quant.max_shift."""
@@ -62,19 +88,19 @@ def po2_quantization_config(quant: DictConfig, *, qat: bool) -> QuantizationConf
     if qat:
         avg = {"averaging_constant": quant.averaging_constant}
         w_obs = (Po2AoMovingAveragePerChannelMinMaxObserver if quant.per_channel
-                 else Po2AoMovingAverageMinMaxObserver)
+                 else Po2AoMovingAverageSharedScaleObserver)
         act_ctr = FakeQuantize.with_args(observer=Po2AoMovingAverageMinMaxObserver, **po2, **avg)
         w_ctr = FakeQuantize.with_args(observer=w_obs, **po2, **avg)
     else:
         act_ctr = Po2AoMinMaxObserver.with_args(**po2)
-        w_ctr = (Po2AoPerChannelMinMaxObserver if quant.per_channel else Po2AoMinMaxObserver
+        w_ctr = (Po2AoPerChannelMinMaxObserver if quant.per_channel else Po2AoSharedScaleObserver
                  ).with_args(**po2)
     act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255,
                            qscheme=torch.per_tensor_affine, is_dynamic=False,
                            observer_or_fake_quant_ctr=act_ctr)
     weight = QuantizationSpec(
         dtype=torch.int8, quant_min=wmin, quant_max=wmax,
-        qscheme=torch.per_channel_symmetric if quant.per_channel else torch.per_tensor_symmetric,
+        qscheme=torch.per_channel_symmetric,  # per-tensor too: see _SharedScaleMixin
         ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=w_ctr)
     return QuantizationConfig(act, None, weight, None, is_qat=qat)
 

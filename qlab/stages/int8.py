@@ -61,6 +61,7 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
     deployable = flow.export(int8, dm.mean, dm.std, out,
                              meta=record | {"hardware": extra.get("hardware", {})},
                              example=example_input(dm))
+    record |= flow.export_info
     latency = measure_latency(deployable, **bench_args(cfg, dm))
     # the same test split through every other runtime of the artifacts (fed [0,1] images),
     # and through the deployed form when it is not the converted model itself

@@ -20,6 +20,9 @@ class Flow(ABC):
     deployed_form: str | None = None  # the runtime export() returns when it is not the converted
                                       # model itself (its test accuracy is then measured too)
 
+    def __init__(self) -> None:
+        self.export_info: dict = {}  # what export() found out, recorded in metrics.json "int8"
+
     @abstractmethod
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
         """The FP32 model, fused, with observers attached, ready for calibration batches."""

@@ -6,6 +6,7 @@ model_int8.onnx (QDQ, run by ONNX Runtime); CPU latency of the inductor-compiled
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,9 @@ from qlab.quant.flows.base import Flow
 from qlab.quant.observer import _Po2Mixin
 from qlab.quant.pt2e import Pt2eQATCallback, x86_quantizer
 from qlab.quant.scales import po2_row
-from qlab.runtimes import OnnxRuntime, inductor, load_pt2
+from qlab.runtimes import OnnxRuntime, inductor, int8_kernels_lowered, load_pt2
+
+log = logging.getLogger(__name__)
 
 
 def observer_rows(prepared: nn.Module) -> list[tuple[str, str, _Po2Mixin]]:
@@ -103,7 +106,15 @@ class Pt2eFlow(Flow):
         program = artifacts.save_exported(out, "model_int8", deployable, example, meta)
         # the convert_pt2e graph itself: what torch.compile lowers to oneDNN int8 kernels
         artifacts.save_program(out / "model_int8_pt2e.pt2", program, meta)
-        return inductor(deployable, example.shape[-1], example.shape[1])
+        before = int8_kernels_lowered()
+        compiled = inductor(deployable, example.shape[-1], example.shape[1])
+        after = int8_kernels_lowered()
+        lowered = {k: after[k] - before[k] for k in after}
+        if not any(lowered.values()):  # (a compile served from inductor's cache counts none)
+            log.warning("inductor lowered no convolution of the INT8 graph to int8 kernels in "
+                        "this process: the latency may be a float model's.")
+        self.export_info = {"inductor_int8_kernels": lowered}
+        return compiled
 
     def runtimes(self, out: Path) -> dict[str, nn.Module]:
         return {"torch.export": load_pt2(out / "model_int8.pt2"),
