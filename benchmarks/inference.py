@@ -17,6 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 from omegaconf import OmegaConf
 from torch.ao.quantization import convert
@@ -32,6 +33,7 @@ from qlab.hardware import (
 )
 from qlab.models import build_resnet50
 from qlab.quant.flows import get_flow
+from qlab.quant.onnx_qdq import int32_biases
 from qlab.quant.ptq import calibrate, prepare_ptq
 from qlab.quant.qat import QATCallback
 from qlab.quant.qconfig import build_qconfig, set_backend
@@ -65,13 +67,17 @@ def calibration_batches() -> list:
             for _ in range(4)]
 
 
-def onnx_session(model: torch.nn.Module) -> OnnxRuntime:
-    """The model exported (torch.export, dynamic batch) to ONNX and run by ONNX Runtime."""
+def onnx_session(model: torch.nn.Module, int8: bool = False) -> OnnxRuntime:
+    """The model exported (torch.export, dynamic batch) to ONNX and run by ONNX Runtime; an INT8
+    (PT2E) one with int32 biases, as stage=ptq writes it."""
     example = torch.zeros(2, 3, 32, 32)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         save_onnx(export_program(model, example), example, path)
-        return OnnxRuntime(path.read_bytes())
+        proto = onnx.load(str(path))
+    if int8:
+        proto, _ = int32_biases(proto)
+    return OnnxRuntime.from_bytes(proto.SerializeToString())
 
 
 def flow_int8(flow_name: str, fp32: torch.nn.Module) -> torch.nn.Module:
@@ -105,19 +111,24 @@ def script_frozen(model: torch.nn.Module) -> torch.jit.ScriptModule:
     return freeze(torch.jit.script(model.eval()))
 
 
-def engine_race(stem: str, frozen: dict[str, torch.jit.ScriptModule], args) -> dict:
-    """One-image latency of the frozen PTQ model per engine, interleaved over `rounds` rounds so
-    that drift in the machine's speed hits every engine alike; the median of the rounds wins."""
-    times: dict[str, list[float]] = {e: [] for e in frozen}
+def race_runtimes(stem: str, contenders: dict[str, tuple], args) -> dict:
+    """One-image latency of every contender (label -> (model, INT8 engine or None)), interleaved
+    over `rounds` rounds so that drift in the machine's speed hits every one alike; the median
+    of the rounds ranks them. FP32 and INT8 are ranked apart."""
+    times: dict[str, list[float]] = {label: [] for label in contenders}
     for _ in range(args.rounds):
-        for engine, model in frozen.items():
-            set_backend(engine)
-            times[engine].append(measure_latency(model, runs=args.runs, warmup=args.warmup)["median_ms"])
-    medians = {e: statistics.median(t) for e, t in times.items()}
-    fastest = min(medians, key=medians.get)
-    print(f"\n  {stem}: one-image PTQ latency per engine, median of {args.rounds} interleaved rounds: "
-          + ", ".join(f"{e} {m:.3f} ms" for e, m in medians.items())
-          + f"\n  fastest here: {fastest}; quant.backend=auto picks {resolve_engine('auto')}", flush=True)
+        for label, (model, engine) in contenders.items():
+            if engine is not None:
+                set_backend(engine)
+            times[label].append(measure_latency(model, runs=args.runs, warmup=args.warmup)["median_ms"])
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    fastest = {kind: min((lb for lb in medians if lb.startswith(kind)), key=medians.get)
+               for kind in ("fp32", "ptq")}
+    print(f"\n  {stem}: one-image latency, median of {args.rounds} interleaved rounds:\n    "
+          + "\n    ".join(f"{lb:32s} {m:7.3f} ms" for lb, m in sorted(medians.items(),
+                                                                         key=lambda kv: kv[1]))
+          + f"\n  fastest here: FP32 {fastest['fp32']}, INT8 {fastest['ptq']}; "
+          f"quant.backend=auto picks {resolve_engine('auto')}", flush=True)
     return {"stem": stem, "rounds": times, "median_ms": medians, "fastest": fastest,
             "auto": resolve_engine("auto")}
 
@@ -127,7 +138,12 @@ def bench_stem(stem: str, args, rows: list, results: list, race: list) -> None:
     fp32 = build_resnet50(stem=stem).eval()
     lat = {"runs": args.runs, "warmup": args.warmup}
 
+    contenders: dict[str, tuple] = {}
+
     def record(model_name, form, engine, fn, ref=None):
+        if model_name in ("fp32", "ptq"):
+            contenders[f"{model_name} {form} {engine}"] = (
+                fn, engine if engine not in NOT_ENGINES and "pt2e" not in form else None)
         latency = measure_latency(fn, **lat)
         ips = throughput(fn, args.batch, args.batch_iters)
         same = diff = None
@@ -157,9 +173,8 @@ def bench_stem(stem: str, args, rows: list, results: list, race: list) -> None:
         record("fp32", "onnxruntime", "-", onnx_session(fp32), ref=fp32)
         pt2e = flow_int8("pt2e", fp32)  # the reference q/dq graph: "eager" of this flow
         record("ptq", "pt2e-inductor", "onednn", inductor(pt2e, 32), ref=pt2e)
-        record("ptq", "pt2e-onnxruntime", "onnxruntime", onnx_session(pt2e), ref=pt2e)
+        record("ptq", "pt2e-onnxruntime", "onnxruntime", onnx_session(pt2e, int8=True), ref=pt2e)
         record("ptq", "ort-quantize_static", "onnxruntime", flow_int8("ort", fp32))
-    frozen_ptq = {}
     for engine in args.engines:
         models = int8_models(stem, engine, fp32)
         for name, int8 in models.items():
@@ -168,10 +183,8 @@ def bench_stem(stem: str, args, rows: list, results: list, race: list) -> None:
             record(name, "eager", engine, int8)
             frozen = script_frozen(copy.deepcopy(int8))
             record(name, "torchscript-frozen", engine, frozen, ref=int8)
-            if name == "ptq":
-                frozen_ptq[engine] = frozen
     if args.rounds > 1:
-        race.append(engine_race(stem, frozen_ptq, args))
+        race.append(race_runtimes(stem, contenders, args))
     best_fp32 = min(r["median_ms"] for r in results if r["stem"] == stem and r["model"] == "fp32")
     for r in results:
         if r["stem"] == stem:
@@ -191,7 +204,7 @@ def main() -> None:
     p.add_argument("--engines", default="x86,fbgemm,onednn")
     p.add_argument("--qat-all-forms", action="store_true", help="QAT on every engine, not just the first")
     p.add_argument("--rounds", type=int, default=5,
-                   help="interleaved rounds of the per-engine race (PTQ, frozen, one image); 1: no race")
+                   help="interleaved rounds racing every FP32 and PTQ runtime (one image); 1: no race")
     p.add_argument("--no-export-runtimes", dest="export_runtimes", action="store_false",
                    help="skip inductor, ONNX Runtime, PT2E and quantize_static rows")
     p.add_argument("--bf16", action="store_true",
@@ -205,7 +218,7 @@ def main() -> None:
                 f"runs of one 3x32x32 image; throughput: batch {args.batch})",
                 ["stem", "model", "engine", "form", "median ms", "p90 ms", "img/s", "speedup",
                  "= eager"], rows)
-    save("inference", {"args": vars(args), "results": results, "engine_race": race})
+    save("inference", {"args": vars(args), "results": results, "race": race})
 
 
 if __name__ == "__main__":

@@ -50,8 +50,14 @@ def load_pt2e(path: Path) -> torch.nn.Module:
 
 def inductor(module: torch.nn.Module, image_size: int, channels: int = 3) -> torch.nn.Module:
     """torch.compile(module) with inductor's freezing (weights folded into the kernels; what
-    lowers a PT2E INT8 graph to oneDNN int8 convolutions), compiled now on one image."""
-    compiled = torch.compile(module, options={"freezing": True})
+    lowers a PT2E INT8 graph to oneDNN int8 convolutions), compiled now on one image.
+
+    Freezing is switched on for the whole process (torch._inductor.config.freezing), not per
+    compile: a recompile for a new batch size must freeze too, and torch.compile's own
+    options={"freezing": True} fails on the int8 weight prepacking (onednn.qconv_prepack under
+    fake tensors, torch 2.14). It only changes compiles that run without autograd."""
+    torch._inductor.config.freezing = True
+    compiled = torch.compile(module)
     with torch.inference_mode():
         compiled(torch.rand(1, channels, image_size, image_size))
     return compiled

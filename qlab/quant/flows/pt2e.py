@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import onnx
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from qlab.errors import QlabError
 from qlab.models import Deployable
 from qlab.quant.flows.base import Flow
 from qlab.quant.observer import _Po2Mixin
+from qlab.quant.onnx_qdq import int32_biases
 from qlab.quant.pt2e import Pt2eQATCallback, x86_quantizer
 from qlab.quant.scales import po2_row
 from qlab.runtimes import OnnxRuntime, inductor, int8_kernels_lowered, load_pt2
@@ -104,6 +106,9 @@ class Pt2eFlow(Flow):
                meta: dict, example: Tensor) -> nn.Module:
         deployable = Deployable(int8, mean, std).eval()
         program = artifacts.save_exported(out, "model_int8", deployable, example, meta)
+        # int32 biases in the ONNX file, as integer runtimes add them (exact: snapped at convert)
+        qdq, _ = int32_biases(onnx.load(str(out / "model_int8.onnx")))
+        artifacts.atomic_write(out / "model_int8.onnx", lambda tmp: onnx.save(qdq, str(tmp)))
         # the convert_pt2e graph itself: what torch.compile lowers to oneDNN int8 kernels
         artifacts.save_program(out / "model_int8_pt2e.pt2", program, meta)
         before = int8_kernels_lowered()
