@@ -267,3 +267,48 @@ def test_a_large_model_exports_to_one_self_contained_onnx_file(tmp_path):
     got = OnnxRuntime.from_bytes((tmp_path / "big.onnx").read_bytes())(x)
     with torch.inference_mode():
         assert torch.allclose(got, model(x), atol=1e-4)
+
+
+def test_onnx_biases_become_int32_on_their_grid_with_identical_outputs(tmp_path):
+    """The QDQ file's float biases rewritten as DequantizeLinear(int32, s_x * s_w): ONNX
+    Runtime's outputs unchanged bit for bit; a bias off its grid is refused."""
+    import copy
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from qlab import artifacts
+    from qlab.quant.flows import get_flow
+    from qlab.quant.onnx_qdq import int32_biases
+    from qlab.runtimes import OnnxRuntime
+
+    flow = get_flow("pt2e")
+    torch.manual_seed(0)
+    model = build_resnet20(num_classes=10)
+    for m in model.modules():  # non-trivial biases after BN folding
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    example = torch.zeros(1, 3, 32, 32)
+    prepared = flow.prepare_ptq(model, QUANT, example)
+    with torch.inference_mode():
+        prepared(torch.randn(16, 3, 32, 32))
+    int8 = flow.convert(prepared, example)
+    ex2 = torch.zeros(2, 3, 32, 32)
+    artifacts.save_onnx(artifacts.export_program(int8, ex2), ex2, tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    fixed, changed = int32_biases(copy.deepcopy(proto))
+    assert changed == 22  # 21 convolutions and the classifier
+    ints = [i for i in fixed.graph.initializer if i.name.endswith("_int32")]
+    assert len(ints) == 22 and all(i.data_type == onnx.TensorProto.INT32 for i in ints)
+    x = torch.rand(32, 3, 32, 32)
+    before = OnnxRuntime.from_bytes(proto.SerializeToString())(x)
+    after = OnnxRuntime.from_bytes(fixed.SerializeToString())(x)
+    assert torch.equal(before, after)
+    bias = next(i for i in proto.graph.initializer if i.name.endswith("weight_bias"))
+    off = numpy_helper.to_array(bias).copy()
+    off[0] += np.float32(1e-7)  # off the grid
+    bias.CopyFrom(numpy_helper.from_array(off, bias.name))
+    with pytest.raises(QlabError, match="not on its int32 grid"):
+        int32_biases(proto)

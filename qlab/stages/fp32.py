@@ -28,7 +28,8 @@ from qlab.stages.common import (
 
 def export_more(cfg: DictConfig, model, dm, out, meta: dict) -> dict:
     """model_fp32.pt2 and model_fp32.onnx (cfg.export), and the test accuracy of the runtimes
-    that run them: inductor (torch.compile, with the .pt2) and ONNX Runtime (the .onnx)."""
+    that run them: inductor (torch.compile; with the .pt2 and bench.inductor) and ONNX Runtime
+    (the .onnx)."""
     if not (cfg.export.pt2 or cfg.export.onnx):
         return {}
     deployable = Deployable(model, dm.mean, dm.std).eval()
@@ -36,7 +37,7 @@ def export_more(cfg: DictConfig, model, dm, out, meta: dict) -> dict:
     artifacts.save_exported(out, "model_fp32", deployable, example, meta,
                             pt2=cfg.export.pt2, onnx=cfg.export.onnx)
     runs = {}
-    if cfg.export.pt2:
+    if cfg.export.pt2 and cfg.bench.inductor:
         runs["inductor"] = inductor(deployable, dm.image_size, len(dm.mean))
     if cfg.export.onnx:
         runs["onnxruntime"] = OnnxRuntime(out / "model_fp32.onnx")
