@@ -51,8 +51,9 @@ def _fp32_eager(run_dir: Path, m: dict) -> torch.nn.Module | None:
 
 def _own_forms(m: dict) -> tuple[str, ...]:
     """The forms whose accuracy is the stage's own test accuracy (the model it evaluated)."""
-    if m["stage"] == "fp32":
-        return ("eager", "torchscript-frozen")
+    if m["stage"] == "fp32":  # its test ran under trainer.precision: fp32 forms only if 32
+        return ("eager", "torchscript-frozen") if str(m.get("precision", "32")).startswith(
+            "32") else ()
     flow = (m.get("int8") or {}).get("flow", "eager")
     return {"eager": ("torchscript-frozen",), "ort": ("onnxruntime",)}.get(flow, ())
 
@@ -233,7 +234,8 @@ def run_report(cfg: DictConfig) -> dict:
         *((f"Missing: {', '.join(missing)} (not run yet).", "") if missing else ()),
         "## Runtimes", "",
         "Every runtime of every model's artifacts, fastest first; accuracy as the stage measured "
-        "it through that runtime on the test split (n/a: not measured there).", "",
+        "it through that runtime on the test split (n/a: not measured there; an FP32 model "
+        "tested under bf16 autocast has its own accuracy only in the table above).", "",
         runtimes_table(by_runtime), "",
         "![curves and confusion matrices](report.png)", ""])
     artifacts.atomic_write(run / "report.md", lambda tmp: tmp.write_text(text))
