@@ -99,3 +99,18 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert m["train_samples_per_rank"] == [64, 64]
     assert (out / "model_fp32.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert not list(tmp_path.glob("ddp/fp32/**/*rank1*"))
+
+
+@pytest.mark.ddp
+def test_ddp_qat_through_the_pt2e_flow(tmp_path):
+    """The exported, fake-quantized graph under DDP: each rank trains its half, rank 0 converts
+    and writes artifacts whose runtimes agree with the converted model."""
+    tiny = [o for o in TINY if not o.startswith("model.")] + ["model=resnet20"]
+    run_cli("train.py", "stage=fp32", "name=q", *tiny, outputs=tmp_path)
+    run_cli("train.py", "stage=qat", "name=q", *tiny, "quant.flow=pt2e",
+            "tag=-pt2e", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+            "data.num_train=128", "data.batch_size=32", outputs=tmp_path, timeout=900)
+    m = read_metrics(tmp_path / "q" / "qat-pt2e" / "metrics.json")
+    assert m["world_size"] == 2 and m["train_samples_per_rank"] == [64, 64]
+    assert m["int8"]["flow"] == "pt2e" and m["runtimes"]["torch.export"]["agrees_with_torch"]
+    assert (tmp_path / "q" / "qat-pt2e" / "model_int8.pt2").is_file()
