@@ -78,11 +78,19 @@ def _runtimes_of(folder: Path, m: dict, cfg: DictConfig) -> dict[str, object]:
     if eager is not None:
         runs["eager"] = eager
     if (pt2 := folder / f"model_{kind}.pt2").is_file():
-        runs["torch.export"] = load_pt2(pt2)
+        try:
+            runs["torch.export"] = load_pt2(pt2)
+        except RuntimeError as e:  # e.g. a q/dq program written before .pt2 files were portable
+            log.warning("Skipping %s: plain torch cannot load it (%s); re-run its stage to "
+                        "rewrite it.", pt2, str(e).splitlines()[0])
     if cfg.bench.inductor:
         # FP32: the eager model compiled; INT8: the convert_pt2e graph, lowered to int8 kernels
-        source = (eager if eager is not None else runs.get("torch.export")) if kind == "fp32" \
-            else (load_pt2e(f) if (f := folder / "model_int8_pt2e.pt2").is_file() else None)
+        if kind == "fp32":
+            source = eager if eager is not None else runs.get("torch.export")
+        elif (qdq := folder / "model_int8_pt2e.pt2").is_file():
+            source = load_pt2e(qdq)
+        else:
+            source = None
         if source is not None:
             runs["inductor"] = inductor(source, size)
     if (onnx := folder / f"model_{kind}.onnx").is_file():
