@@ -65,6 +65,26 @@ def test_every_scale_in_the_converted_graph_is_a_clamped_power_of_two(per_channe
         assert int8(x).shape == (4, 10)
 
 
+@pytest.mark.parametrize("residual_add", ["int8", "fused"])
+def test_residual_add_inputs_are_int8_or_fused_as_configured(residual_add):
+    """int8: both inputs of every residual add come out of a dequantize (the eager flow's
+    placement); fused: X86InductorQuantizer leaves the convolution output in float."""
+    from qlab.quant.flows import get_flow
+
+    flow = get_flow("pt2e")
+    quant = OmegaConf.merge(QUANT, {"pt2e": {"residual_add": residual_add}})
+    torch.manual_seed(0)
+    example = torch.zeros(1, 3, 32, 32)
+    prepared = flow.prepare_ptq(build_resnet20(num_classes=10), quant, example)
+    with torch.inference_mode():
+        prepared(torch.randn(8, 3, 32, 32))
+    int8 = flow.convert(prepared, example)
+    adds = [n for n in int8.graph.nodes if n.target == torch.ops.aten.add.Tensor]
+    assert len(adds) == 9
+    dequantized = [all("dequantize" in str(a.target) for a in n.args[:2]) for n in adds]
+    assert all(dequantized) if residual_add == "int8" else not any(dequantized)
+
+
 def test_pt2e_refuses_what_it_cannot_do():
     from qlab.quant.flows import get_flow
     from qlab.quant.pt2e import po2_quantization_config
@@ -73,6 +93,9 @@ def test_pt2e_refuses_what_it_cannot_do():
         po2_quantization_config(OmegaConf.merge(QUANT, {"kind": "torch"}), qat=False)
     with pytest.raises(QlabError, match="uint8 affine"):
         po2_quantization_config(OmegaConf.merge(QUANT, {"reduce_range": True}), qat=False)
+    with pytest.raises(QlabError, match="quant.pt2e.residual_add='float'"):
+        get_flow("pt2e").prepare_ptq(build_resnet20(num_classes=10), OmegaConf.merge(
+            QUANT, {"pt2e": {"residual_add": "float"}}), torch.zeros(1, 3, 32, 32))
     with pytest.raises(QlabError, match="quant.flow='tflite' is not known"):
         get_flow("tflite")
 

@@ -21,7 +21,11 @@ from torchao.quantization.pt2e import (
 from torchao.quantization.pt2e import observer as ao_observer
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
-from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+    QUANT_ANNOTATION_KEY,
+    X86InductorQuantizer,
+    get_input_act_qspec,
+)
 
 from qlab.artifacts import export_program
 from qlab.errors import QlabError
@@ -105,9 +109,37 @@ def po2_quantization_config(quant: DictConfig, *, qat: bool) -> QuantizationConf
     return QuantizationConfig(act, None, weight, None, is_qat=qat)
 
 
+RESIDUAL_ADD = ("int8", "fused")
+_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+
+
+class Int8AddInputsQuantizer(X86InductorQuantizer):
+    """X86InductorQuantizer's annotations, then both inputs of every residual add it annotated
+    quantized: the convolution output that it leaves in float for inductor's conv+add fusion
+    gets a q/dq pair, as the eager flow and ONNX Runtime's quantize_static place them. ONNX
+    Runtime then runs those convolutions as QLinearConv and the adds as QLinearAdd; inductor
+    still lowers every convolution to int8 kernels."""
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = super().annotate(model)
+        act = get_input_act_qspec(self.global_config)
+        for node in model.graph.nodes:
+            annotation = node.meta.get(QUANT_ANNOTATION_KEY)
+            if node.target in _ADDS and annotation is not None:
+                for arg in node.args[:2]:
+                    if isinstance(arg, torch.fx.Node) and arg not in annotation.input_qspec_map:
+                        annotation.input_qspec_map[arg] = act
+        return model
+
+
 def x86_quantizer(quant: DictConfig, *, qat: bool) -> X86InductorQuantizer:
-    """X86InductorQuantizer with the po2 config on every supported op."""
-    quantizer = X86InductorQuantizer()
+    """The PT2E quantizer with the po2 config on every supported op: quant.pt2e.residual_add
+    int8 (Int8AddInputsQuantizer) or fused (X86InductorQuantizer as torchao ships it)."""
+    residual = quant.get("pt2e", {}).get("residual_add", "int8")
+    if residual not in RESIDUAL_ADD:
+        raise QlabError(f"quant.pt2e.residual_add={residual!r}: use int8 (both add inputs "
+                        f"quantized, as the eager flow) or fused (inductor's conv+add fusion).")
+    quantizer = Int8AddInputsQuantizer() if residual == "int8" else X86InductorQuantizer()
     quantizer.set_global(po2_quantization_config(quant, qat=qat))
     return quantizer
 
