@@ -65,7 +65,9 @@ def _parameter_read_by(node: torch.fx.Node) -> str:
 
 class Pt2eFlow(Flow):
     name = "pt2e"
-    kernels = "onednn"  # inductor lowers the x86 quantizer's patterns to oneDNN qconv/qlinear
+    # inductor lowers the x86 quantizer's patterns to oneDNN qconv/qlinear (the deployed ONNX
+    # file runs on ONNX Runtime's MLAS); the exactness check is oneDNN's
+    kernels = "onednn"
     deployed_form = "onnxruntime"
 
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
