@@ -69,7 +69,7 @@ def form_accuracy(m: dict, form: str) -> float | None:
 def _runtimes_of(folder: Path, m: dict, cfg: DictConfig) -> dict[str, object]:
     """Every runtime of the artifacts in one stage folder, loaded (compiled for inductor)."""
     kind = "fp32" if m["stage"] == "fp32" else "int8"
-    size = int(m.get("image_size") or 32)
+    size = _image_size(m)
     runs = {}
     path = folder / MODEL_FILE[m["stage"]]
     if path.is_file():
@@ -105,7 +105,7 @@ def remeasure_latency(run: Path, found: dict[str, dict], cfg: DictConfig) -> dic
     out = {}
     bench = {"runs": cfg.bench.runs, "warmup": cfg.bench.warmup, "threads": cfg.bench.threads}
     for stage, m in found.items():
-        forms = {form: measure_latency(model, **bench, image_size=int(m.get("image_size") or 32))
+        forms = {form: measure_latency(model, **bench, image_size=_image_size(m))
                  for form, model in _runtimes_of(run / stage, m, cfg).items()}
         if forms:
             best = min(forms, key=lambda f: forms[f]["median_ms"])
@@ -129,9 +129,7 @@ def runtime_rows(found: dict[str, dict], latency: dict[str, dict]) -> list[dict]
 
 def runtimes_table(rows: list[dict]) -> str:
     """The runtimes as a Markdown table."""
-    def f(v, fmt):
-        return "n/a" if v is None else format(v, fmt)
-
+    f = _f
     lines = ["| Model | Runtime | Accuracy (%) | Latency (ms) | p90 (ms) | Speedup |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['runtime']} | {f(r['accuracy'], '.2f')} | "
@@ -163,11 +161,18 @@ def build_rows(found: dict[str, dict], latency: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def _f(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _image_size(m: dict) -> int:
+    """The stage's input size (runs from before metrics.json recorded it: 32)."""
+    return int(m.get("image_size") or 32)
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The comparison as a Markdown table."""
-    def f(v, fmt):
-        return "n/a" if v is None else format(v, fmt)
-
+    f = _f
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for r in rows:
         if r["missing"]:
@@ -226,7 +231,7 @@ def run_report(cfg: DictConfig) -> dict:
     missing = [s for s in STAGES if s not in found]
     if "fp32" not in found:
         log.warning("No FP32 run under %s: compression, accuracy drop and speedup are n/a.", run)
-    size = int(next(iter(found.values())).get("image_size") or 32)
+    size = _image_size(next(iter(found.values())))
     text = "\n".join([
         f"# qlab report: {cfg.name}", "",
         f"{next(iter(found.values()))['num_test_images']} test images; latency: one 3x{size}x{size} "
