@@ -153,7 +153,7 @@ class ImageDataModule(L.LightningDataModule):
         image_size: int = 32,
         batch_size: int = 128,
         eval_batch_size: int = 512,
-        val_split: float = 0.0,
+        val_split: float = 0.1,
         max_train: int | None = None,
         max_test: int | None = None,
         num_train: int = 2560,
@@ -183,6 +183,12 @@ class ImageDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.splits: dict[str, Split] = {}
         self._raw: dict[str, Split] = {}
+
+    @property
+    def selected_on(self) -> str:
+        """Where checkpoints are selected: "val" (images carved from train) or "test"
+        (data.val_split=0, the reference report's protocol)."""
+        return "val" if self.val_split > 0 else "test"
 
     @property
     def num_classes(self) -> int:
@@ -251,7 +257,7 @@ class ImageDataModule(L.LightningDataModule):
             self.splits["val"] = (train[0][val_idx], train[1][val_idx])
             train = (train[0][train_idx], train[1][train_idx])
         else:
-            self.splits["val"] = test  # the reference recipe validates on the test split
+            self.splits["val"] = test  # data.val_split=0: the reference protocol, selected on test
         self.splits["train"], self.splits["test"] = train, test
 
     def _loader(self, split: str, *, shuffle: bool, batch_size: int) -> DataLoader:

@@ -121,6 +121,90 @@ def build_resnet20(
     return CifarResNet(depth=depth, num_classes=num_classes, zero_init_residual=zero_init_residual)
 
 
+class ConvGroup(nn.Module):
+    """conv3x3-BN-ReLU, 2x2 max-pool, conv3x3-BN-ReLU: one of AirNet's three stages. BN and ReLU
+    come before the pool (airbench pools first) so each conv fuses with its BN and ReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.relu1(self.bn1(self.conv1(x))))
+        return self.relu2(self.bn2(self.conv2(x)))
+
+
+class AirNet(nn.Module):
+    """The airbench family's CIFAR-10 speed-run network, made quantizable: a 2x2 patch-whitening
+    conv (24 channels: 12 whitening filters and their negatives, so ReLU keeps both signs), three
+    ConvGroups of widths 64/256/256 that each halve the image, a 3x3 max-pool and a linear head.
+    ReLU replaces airbench's GELU (the integer model has no GELU); 118 M multiply-accumulates
+    per 32x32 image, 1.97 M parameters."""
+
+    def __init__(self, *, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256),
+                 whiten_width: int = 24, train_whitening: bool = False) -> None:
+        super().__init__()
+        _check_classes(num_classes)
+        if whiten_width % 2 or not 2 <= whiten_width <= 24:
+            raise ValueError(f"model.whiten_width={whiten_width}: an even number from 2 to 24 "
+                             f"(twice the number of 2x2x3 whitening filters kept, at most 12).")
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.whiten = nn.Conv2d(3, whiten_width, 2, bias=True)
+        self.whiten.weight.requires_grad_(train_whitening)  # airbench keeps the filters fixed
+        self.whiten_relu = nn.ReLU(inplace=True)
+        groups, cin = [], whiten_width
+        for width in widths:
+            groups.append(ConvGroup(cin, width))
+            cin = width
+        self.layers = nn.Sequential(*groups)
+        self.pool = nn.MaxPool2d(3)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m is not self.whiten:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @torch.no_grad()
+    def init_whitening(self, images: Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening conv from the 2x2 patches of normalized training images [N, 3, H, W]:
+        its filters are the patch covariance's eigenvectors scaled by 1/sqrt(eigenvalue + eps),
+        the strongest ones first, each followed by its negative."""
+        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)  # N, C, H', W', 2, 2
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1] * 4)
+        patches = patches - patches.mean(0)
+        cov = patches.T @ patches / len(patches)
+        eigvals, eigvecs = torch.linalg.eigh(cov.double())  # ascending
+        k = self.whiten.out_channels // 2
+        vals, vecs = eigvals.flip(0)[:k].float(), eigvecs.flip(1)[:, :k].float()
+        filters = (vecs / (vals + eps).sqrt()).T.reshape(k, images.shape[1], 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+        self.whiten.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.whiten_relu(self.whiten(self.quant(x)))
+        x = self.pool(self.layers(x)).flatten(1)
+        return self.dequant(self.fc(x))
+
+    def fuse_model(self, is_qat: bool | None = None) -> None:
+        """Whitening conv + ReLU, then conv-BN-ReLU twice per group."""
+        _fuse_modules(self, ["whiten", "whiten_relu"], is_qat, inplace=True)
+        for group in self.layers:
+            _fuse_modules(group, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"]], is_qat,
+                          inplace=True)
+
+
+def build_airnet(*, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256),
+                 whiten_width: int = 24, train_whitening: bool = False) -> AirNet:
+    """AirNet (see the class): the testbed network."""
+    return AirNet(num_classes=num_classes, widths=tuple(widths), whiten_width=whiten_width,
+                  train_whitening=train_whitening)
+
+
 # torchvision's MobileNetV2 setting (expansion t, channels c, blocks n, stride s) with the
 # 24-channel stage at stride 1 instead of 2; with the stem also at stride 1 (below) a 32x32
 # image is downsampled 8x in all (4x4 before pooling), instead of 32x (1x1).

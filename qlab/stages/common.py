@@ -138,6 +138,14 @@ def base_metrics(cfg: DictConfig, stage: str, dm: ImageDataModule, out: Path) ->
     }
 
 
+def selection(dm: ImageDataModule) -> dict:
+    """Where a trained stage's checkpoint was picked: on validation images carved from train
+    ("val"), or on the test split itself ("test", data.val_split=0: the reference protocol)."""
+    return {"selected_on": dm.selected_on,
+            "num_val_images": int(len(dm.splits["val"][1])) if dm.selected_on == "val" else 0,
+            "num_train_images": int(len(dm.splits["train"][1]))}
+
+
 def evaluate_runtimes(runs: dict, dm: ImageDataModule, cfg: DictConfig) -> dict[str, dict]:
     """The test split through each runtime of the exported artifacts (float [0,1] images in)."""
     return {name: evaluate(run, dm.test_dataloader(), num_classes=dm.num_classes,

@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 from qlab import artifacts
 from qlab.bench import measure_latency
 from qlab.hardware import resolve_config
-from qlab.models import Deployable
+from qlab.evaluate import evaluate
+from qlab.models import Deployable, Normalize
 from qlab.runtimes import OnnxRuntime, inductor
 from qlab.stages.common import (
     base_metrics,
@@ -23,6 +24,7 @@ from qlab.stages.common import (
     fit_and_test,
     output_dir,
     resume_path,
+    selection,
 )
 
 
@@ -45,6 +47,29 @@ def export_more(cfg: DictConfig, model, dm, out, meta: dict) -> dict:
     return {name: {"accuracy": r["accuracy"], "loss": r["loss"]} for name, r in results.items()}
 
 
+def init_from_data(model: torch.nn.Module, dm, images: int = 5000) -> None:
+    """Data-dependent initialisation (AirNet's patch whitening) from un-augmented training
+    images, seeded: never from validation or test images."""
+    if not hasattr(model, "init_whitening"):
+        return
+    dm.prepare_data()
+    dm.setup("fit")
+    x, _ = dm.splits["train"]
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(dm.seed))[:images]
+    model.init_whitening(Normalize(dm.mean, dm.std)(x[idx].float() / 255.0))
+
+
+def float32_test(cfg: DictConfig, model: torch.nn.Module, dm, result: dict) -> dict:
+    """The test accuracy in float32, which INT8 drops are measured against. Lightning tested
+    under trainer.precision; under bf16 autocast that figure is kept as accuracy_autocast."""
+    if str(cfg.trainer.precision) in ("32", "32-true"):
+        return {}
+    fp32 = evaluate(model, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
+                    std=dm.std, label_smoothing=cfg.module.label_smoothing)
+    return {"accuracy_autocast": result["accuracy"], "loss_autocast": result["loss"],
+            "accuracy": fp32["accuracy"], "loss": fp32["loss"], "confmat": fp32["confmat"]}
+
+
 def run_fp32(cfg: DictConfig) -> dict | None:
     """Train FP32, test the best checkpoint, export model_fp32.pt and write the stage's files."""
     out = output_dir()
@@ -52,12 +77,16 @@ def run_fp32(cfg: DictConfig) -> dict | None:
     L.seed_everything(cfg.seed, workers=True)
     hw = resolve_config(cfg, trains=True)
     dm = build_datamodule(cfg)
-    lit = build_lit(cfg, build_model(cfg, dm.num_classes), dm)
+    model = build_model(cfg, dm.num_classes)
+    if ckpt_path is None:
+        init_from_data(model, dm)
+    lit = build_lit(cfg, model, dm)
     trainer = build_trainer(cfg)
     result = fit_and_test(trainer, lit, dm, ckpt_path)
     if not trainer.is_global_zero:
         return None
-    model = lit.model.eval().cpu()
+    model = lit.model.eval().cpu().to(memory_format=torch.contiguous_format)
+    result |= float32_test(cfg, model, dm, result)
     size_mb = artifacts.save_state_dict(out / "model_fp32_state_dict.pt", model)
     scripted = export(model, dm)
     artifacts.save_torchscript(out / "model_fp32.pt", scripted, meta={"hardware": hw})
@@ -67,7 +96,7 @@ def run_fp32(cfg: DictConfig) -> dict | None:
     confmat = result.pop("confmat")
     artifacts.save_confusion(out / "confusion_matrix.png", confmat, dm.classes,
                              f"FP32 test ({result['accuracy']:.2f}%)")
-    metrics = base_metrics(cfg, "fp32", dm, out) | result | {
+    metrics = base_metrics(cfg, "fp32", dm, out) | result | selection(dm) | {
         "confusion_matrix": confmat.tolist(),
         "size_mb": size_mb,
         "latency": latency,

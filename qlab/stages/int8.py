@@ -36,6 +36,7 @@ from qlab.stages.common import (
     fit_and_test,
     output_dir,
     resume_path,
+    selection,
 )
 
 
@@ -101,7 +102,8 @@ def run_ptq(cfg: DictConfig) -> dict:
     prepared = flow.prepare_ptq(model.eval(), cfg.quant, example_input(dm))
     seen = calibrate(prepared, dm.calib_dataloader(), batches=cfg.quant.calib_batches,
                      mean=dm.mean, std=dm.std)
-    extra = {"fp32_weights": str(weights), "calib_images": seen, "hardware": hw,
+    extra = {"fp32_weights": str(weights), "calib_images": seen, "calibrated_on": "train",
+             "hardware": hw,
              "model": OmegaConf.to_container(model_cfg, resolve=True)}
     return finish_int8(cfg, flow, stage="ptq", prepared=prepared, dm=dm, out=out, extra=extra)
 
@@ -126,7 +128,7 @@ def run_qat(cfg: DictConfig) -> dict | None:
         return None
     artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "QAT (fake-quant)")
     result.pop("confmat")
-    extra = {f"fake_quant_{k}": result.pop(k) for k in ("accuracy", "loss")} | result | {
+    extra = {f"fake_quant_{k}": result.pop(k) for k in ("accuracy", "loss")} | result | selection(dm) | {
         "fp32_weights": str(weights),
         "model": OmegaConf.to_container(model_cfg, resolve=True),
         "precision": str(cfg.trainer.precision),
