@@ -29,7 +29,8 @@ def write_folder(root, counts=(4, 3), classes=CLASSES, size=32, suffix=".png"):
 
 def test_folder_loads_decodes_and_caches(tmp_path):
     root = write_folder(tmp_path / "imgs")
-    dm = ImageDataModule(source="folder", root=str(root), classes=CLASSES, batch_size=4)
+    dm = ImageDataModule(source="folder", root=str(root), classes=CLASSES, batch_size=4,
+                         val_split=0.0)
     dm.setup()
     x, y = dm.splits["train"]
     assert x.dtype == torch.uint8 and x.shape == (12, 3, 32, 32)
@@ -40,11 +41,11 @@ def test_folder_loads_decodes_and_caches(tmp_path):
     caches = list((root / ".qlab_cache").glob("*.pt"))
     assert len(caches) == 2
     # second load comes from the cache (same tensors), and a changed folder makes a new cache
-    dm2 = ImageDataModule(source="folder", root=str(root), classes=CLASSES)
+    dm2 = ImageDataModule(source="folder", root=str(root), classes=CLASSES, val_split=0.0)
     dm2.setup()
     assert torch.equal(dm2.splits["train"][0], x)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "cat" / "9.png")
-    dm3 = ImageDataModule(source="folder", root=str(root), classes=CLASSES)
+    dm3 = ImageDataModule(source="folder", root=str(root), classes=CLASSES, val_split=0.0)
     dm3.setup()
     assert len(dm3.splits["train"][1]) == 13
     assert len(list((root / ".qlab_cache").glob("train-*.pt"))) == 2
@@ -99,7 +100,7 @@ def write_cifar(root, monkeypatch, n_train=10, n_test=6):
 def test_cifar10_through_torchvision(tmp_path, monkeypatch):
     base = write_cifar(tmp_path, monkeypatch)
     dm = ImageDataModule(source="cifar10", root=str(tmp_path), download=False,
-                         classes=[f"c{i}" for i in range(10)])
+                         classes=[f"c{i}" for i in range(10)], val_split=0.0)
     dm.setup()
     x, y = dm.splits["train"]
     assert x.shape == (50, 3, 32, 32) and x.dtype == torch.uint8
@@ -158,9 +159,22 @@ def test_val_split_carves_from_train_and_subsets():
     dm.setup()
     assert len(dm.splits["val"][1]) == 20 and len(dm.splits["train"][1]) == 80
     assert len(dm.splits["test"][1]) == 30
+    assert dm.selected_on == "val"
+    # by default a seeded 10% of train, disjoint from what is trained on and from test
     dm = ImageDataModule(source="synthetic", classes=list("abcd"), num_train=100, num_test=40)
     dm.setup()
-    assert dm.splits["val"] is dm.splits["test"]  # the reference validates on test
+    assert dm.selected_on == "val" and len(dm.splits["val"][1]) == 10
+    assert len(dm.splits["train"][1]) == 90
+    train, val = dm.splits["train"][0].flatten(1), dm.splits["val"][0].flatten(1)
+    assert not (train[:, None] == val[None]).all(-1).any()  # no validation image is trained on
+    again = ImageDataModule(source="synthetic", classes=list("abcd"), num_train=100, num_test=40)
+    again.setup()
+    assert torch.equal(again.splits["val"][0], dm.splits["val"][0])  # the same images each run
+    dm = ImageDataModule(source="synthetic", classes=list("abcd"), num_train=100, num_test=40,
+                         val_split=0.0)
+    dm.setup()
+    assert dm.splits["val"] is dm.splits["test"]  # the reference protocol validates on test
+    assert dm.selected_on == "test"
 
 
 def test_bad_data_options():

@@ -24,7 +24,7 @@ from qlab.models import (
     build_resnet50,
     randomize_batchnorm,
 )
-from qlab.quant.qconfig import build_qconfig
+from qlab.quant.qconfig import build_qconfig, quantized_engine
 
 from conftest import AVX2_ONLY, ROOT, X86
 
@@ -104,6 +104,24 @@ def test_a_3x3_conv_by_hand(tmp_path):
     assert corner == 7 and codes[0, 0, 0, 0] == 10 + 2  # 7 / 4 = 1.75
 
 
+@pytest.mark.parametrize("order", ["after", "before"])
+def test_a_left_shift_adds_the_zero_point_after_shifting_in_either_order(tmp_path, order):
+    """Output exponent below the accumulator's: requantization is acc * 2^|shift| + zp, exact in
+    both zero-point orders (nothing to round); a sum that a left shift carries past 2^31 is
+    computed in int64, not wrapped."""
+    w = np.array([[[[1]]], [[[127]]]], dtype=np.int8)
+    ops = [{"op": "conv", "name": "c", "inputs": ["x"], "output": "y", "weight": "c.weight",
+            "bias": "c.bias", "kernel": [1, 1], "stride": [1, 1], "padding": [0, 0],
+            "dilation": [1, 1], "groups": 1, "in_zero_point": 0, "out_zero_point": 10,
+            "shift": [-2, -17], "relu": False, "clamp": [0, 255]}]
+    tensors = {"x": _tensor([1, 1, 4], 0), "y": _tensor([2, 1, 4], -2, 10)}
+    d = _model(tmp_path, tensors, ops, {"c.weight": w, "c.bias": np.zeros(2, np.int32)}, "y")
+    pixels = torch.tensor([0, 1, 30, 255], dtype=torch.uint8).view(1, 1, 1, 4)
+    codes, _ = IntegerModel.load(d, zero_point=order).run(pixels)
+    assert codes[0, 0, 0].tolist() == [10, 14, 130, 255]  # 4x + 10, saturated at 255
+    assert codes[0, 1, 0].tolist() == [10, 255, 255, 255]  # 127 * 255 << 17 > 2^31: still 255
+
+
 def test_add_of_two_scales_and_relu(tmp_path):
     # a = q * 2^-2, b = q * 2^-3 -> common exponent -3; output 2^-2: one right shift
     tensors = {"x": _tensor([2, 1, 1], -3), "a": _tensor([1, 1, 1], -2),
@@ -167,13 +185,14 @@ def test_float32_sums_stay_exact_at_the_bound_by_splitting_channels(tmp_path):
 
 # ---- exported from torch -------------------------------------------------------------------
 
-def _int8(build, *, per_channel=False, engine="fbgemm", kind="po2", seed=0):
+def _int8(build, *, per_channel=False, engine="fbgemm", kind="po2", seed=0, even_zero_point=True):
     """A po2 PTQ model with random (but BN-realistic) weights, calibrated on random images."""
     torch.backends.quantized.engine = engine
     torch.manual_seed(seed)
     model = randomize_batchnorm(build(num_classes=10).eval())
     model.fuse_model(is_qat=False)
-    model.qconfig = build_qconfig(kind=kind, backend=engine, per_channel=per_channel)
+    model.qconfig = build_qconfig(kind=kind, backend=engine, per_channel=per_channel,
+                                  even_zero_point=even_zero_point)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepare(model, inplace=True)
@@ -231,19 +250,22 @@ def test_biases_off_the_grid_show_where_torch_differs(tmp_path):
 
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines,
                     reason="needs the onednn engine")
-def test_onednn_adds_the_zero_point_before_rounding(tmp_path):
+@pytest.mark.parametrize("even", [False, True])
+def test_onednn_adds_the_zero_point_before_rounding(tmp_path, even):
+    """With odd zero points (quant.even_zero_point=false) only the reference in oneDNN's order
+    matches oneDNN; with even ones (the default) both orders do."""
     assert zero_point_order("fbgemm") == {"conv": "after", "linear": "after"}
     assert zero_point_order("onednn") == {"conv": "before", "linear": "before"}
-    int8 = _int8(build_resnet20, engine="onednn")
-    snap_biases(int8, torch.zeros(1, 3, 32, 32))
-    pixels = _pixels(32, seed=5)
-    with torch.inference_mode():
-        theirs = int8(_normalized(pixels)).double()
+    with quantized_engine("onednn"):
+        int8 = _int8(build_resnet20, engine="onednn", even_zero_point=even)
+        snap_biases(int8, torch.zeros(1, 3, 32, 32))
+        pixels = _pixels(32, seed=5)
+        with torch.inference_mode():
+            theirs = int8(_normalized(pixels)).double()
     before = _export(int8, tmp_path, zero_point="before")
     assert torch.equal(before.dequantize(before.run(pixels)[0]), theirs)
     after = _export(int8, tmp_path / "after", zero_point="after")  # ties with odd zero points
-    assert not torch.equal(after.dequantize(after.run(pixels)[0]), theirs)
-    torch.backends.quantized.engine = "fbgemm"
+    assert torch.equal(after.dequantize(after.run(pixels)[0]), theirs) == even
 
 
 @pytest.mark.skipif(not X86, reason="x86 kernels")

@@ -33,8 +33,9 @@ def test_folder_reads_the_real_images(jpeg_root):
                                   "horse", "ship", "truck"])
     dm.setup()
     x, y = dm.splits["train"]
-    assert x.shape == (45_000, 3, 32, 32) and x.dtype == torch.uint8
-    assert torch.bincount(y).tolist() == [4500] * 10
+    assert x.shape == (40_500, 3, 32, 32) and x.dtype == torch.uint8  # 10% held out: validation
+    assert len(dm.splits["val"][1]) == 4_500
+    assert (torch.bincount(y) + torch.bincount(dm.splits["val"][1])).tolist() == [4500] * 10
     assert dm.splits["test"][0].shape[0] == 5000
     assert 80 < x.float().mean() < 160  # real photos, not blank decodes
 

@@ -22,7 +22,9 @@ def test_fp32_stage_writes_every_output_and_resumes(tmp_path):
     assert m["stage"] == "fp32" and m["num_test_images"] == 64 and m["world_size"] == 1
     assert 0.0 <= m["accuracy"] <= 100.0 and m["loss"] > 0
     assert 94.3 < m["size_mb"] < 94.6 and m["latency"]["median_ms"] > 0
-    assert m["train_samples_per_rank"] == [96]  # 3 full batches of 32
+    # 96 images, a seeded 10 of them held out for validation: 86 left, 2 full batches of 32
+    assert m["train_samples_per_rank"] == [64]
+    assert (m["selected_on"], m["num_val_images"], m["num_train_images"]) == ("val", 10, 86)
     # trainer.precision=auto (the default) is resolved from this machine and recorded
     assert m["precision"] == m["hardware"]["precision"] == resolve_precision("auto", "cpu")
     assert m["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

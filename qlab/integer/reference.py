@@ -231,9 +231,9 @@ class IntegerModel:
         wt = torch.from_numpy(w.astype(np.float32)).to(fdtype)
         per_ch = (-1, 1, 1) if op["op"] == "conv" else (-1,)
         # int32 accumulators where |sum over all inputs| + |bias| + the rounding and zero-point
-        # terms (< 2^(shift+9)) cannot reach 2^31; int64 otherwise
-        whole = int(absw.sum(axis=1).max()) * xmax + int(np.abs(bias.astype(np.int64)).max(
-            initial=0)) + 2 ** (int(shift.max()) + 9)
+        # terms (< 2^(shift+9)), times 2^|shift| for a left shift, cannot reach 2^31; else int64
+        whole = (int(absw.sum(axis=1).max()) * xmax + int(np.abs(bias.astype(np.int64)).max(
+            initial=0)) + 2 ** (max(int(shift.max()), 0) + 9)) << max(-int(shift.min()), 0)
         acc_dtype = torch.int32 if whole < 2**31 else torch.int64
         return _Gemm(chunks=[(a, b, wt[:, a:b].contiguous()) for a, b in cuts],
                      bias=torch.from_numpy(bias.astype(np.int64)).to(acc_dtype).view(per_ch),
@@ -249,13 +249,18 @@ class IntegerModel:
         self._note(op, acc)
         lo, hi = op["clamp"]
         zp = int(op["out_zero_point"])
+        after: Tensor | int = zp
         if zp_first:  # round(acc / 2^k + zp): oneDNN's order; differs only on ties with odd zp
-            k = torch.as_tensor(shift, dtype=acc.dtype).clamp(min=0)
-            acc.add_(torch.full_like(k, zp).bitwise_left_shift_(k))
-            zp = 0
+            # a right shift (k > 0) takes zp * 2^k before rounding; a left shift (k <= 0) has
+            # nothing to round, so zp is added to the shifted sum: acc * 2^|k| + zp
+            k = torch.as_tensor(shift, dtype=acc.dtype)
+            right = k > 0
+            acc.add_(torch.where(right, torch.full_like(k, zp).bitwise_left_shift_(
+                k.clamp(min=0)), 0))
+            after = torch.where(right, 0, torch.full_like(k, zp))
         shift_round_(acc, shift, self.rounding)  # fbgemm's order and the ATen add/pool kernels'
         dtype = DTYPES[self.spec["tensors"][op["output"]]["dtype"]][0]
-        return acc.add_(zp).clamp_(int(lo), int(hi)).to(dtype)
+        return acc.add_(after).clamp_(int(lo), int(hi)).to(dtype)
 
     def _note(self, op: dict, acc: Tensor) -> None:
         if acc.numel():
@@ -282,7 +287,10 @@ class IntegerModel:
 
     def _add(self, op: dict, a: Tensor, b: Tensor) -> Tensor:
         (za, zb), (la, lb) = op["in_zero_points"], op["align"]
-        dtype = torch.int32 if max(la, lb, int(op["shift"])) < 20 else torch.int64
+        # |a - za| << la plus |b - zb| << lb (each < 2^(8+align)), then left-shifted by -shift
+        # when the output exponent is below the common one
+        bits = 10 + max(int(la), int(lb), int(op["shift"]), 0) + max(-int(op["shift"]), 0)
+        dtype = torch.int32 if bits < 31 else torch.int64
         acc = a.to(dtype).sub_(int(za)).bitwise_left_shift_(int(la))
         acc.add_(b.to(dtype).sub_(int(zb)).bitwise_left_shift_(int(lb)))
         return self._requant(op, acc, int(op["shift"]))

@@ -21,6 +21,7 @@ from qlab.integer.export import _Record, trace
 from qlab.integer.reference import IntegerModel
 from qlab.models import Normalize
 from qlab.quant.ptq import qconfig_from_cfg
+from qlab.quant.qconfig import quantized_engine
 
 
 @torch.inference_mode()
@@ -31,9 +32,7 @@ def zero_point_order(engine: str) -> dict[str, str]:
     Asked of the kernels: acc = 1 and 3 at output scale 2 and zero point 1 are ties; `after`
     gives 1 and 3, `before` 2 and 2. Kernels that do neither get `after` (then verify.json
     shows where they differ)."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
+    with quantized_engine(engine):
         w = torch.quantize_per_tensor(torch.ones(1, 1), 1.0, 0, torch.qint8)
         x = torch.quantize_per_tensor(torch.tensor([[1.0], [3.0]]), 1.0, 0, torch.quint8)
         conv, linear = nnq.Conv2d(1, 1, 1), nnq.Linear(1, 1)
@@ -45,8 +44,6 @@ def zero_point_order(engine: str) -> dict[str, str]:
             got = mod(inp).int_repr().flatten().tolist()
             orders[kind] = "before" if got == [2, 2] else "after"
         return orders
-    finally:
-        torch.backends.quantized.engine = previous
 
 
 def stage_metrics(stage_dir: Path) -> dict:

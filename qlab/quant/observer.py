@@ -45,13 +45,32 @@ def scale_approximate(scale: float, max_shift_amount: int = 8, rounding: str = "
     return math.ldexp(1.0, int(n.item()))
 
 
+def even_zero_point(zero: Tensor, *, top: Tensor, quant_min: int, quant_max: int) -> Tensor:
+    """The nearest even zero point: zero + 1 where the largest value's code `top` has room
+    above it (nothing clips), else zero - 1 (the smallest value clips by one step).
+
+    Why even: engines add the output zero point on either side of the rounding, fbgemm as
+    round(acc * 2^-k) + zp, oneDNN and ONNX Runtime as round(acc * 2^-k + zp). Both round half
+    to even, and acc * 2^-k is a tie (n + 1/2) whenever the k-th bit of acc is its lowest set
+    one. For a tie t, round(t + zp) = round(t) + zp exactly when zp is even (an integer shift
+    of even size keeps the parity that picks the even neighbour); away from ties the two
+    orders always agree. An even zero point therefore makes every engine compute the same
+    integers."""
+    odd = zero % 2 != 0
+    up = odd & (top < quant_max) & (zero < quant_max)
+    down = odd & ~up
+    return (zero + up.to(zero.dtype) - down.to(zero.dtype)).clamp(quant_min, quant_max)
+
+
 class _Po2Mixin:
     """Turns one of torch's min/max observers into a po2 observer (mixed in before it)."""
 
-    def __init__(self, *args, max_shift: int = 8, rounding: str = "nearest", **kwargs) -> None:
+    def __init__(self, *args, max_shift: int = 8, rounding: str = "nearest",
+                 even_zero_point: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         po2_exponent(torch.ones(1), max_shift=max_shift, rounding=rounding)  # validate early
         self.max_shift, self.rounding = int(max_shift), rounding
+        self.even_zero_point = bool(even_zero_point)
 
     def forward(self, x_orig: Tensor) -> Tensor:
         x = x_orig.detach()
@@ -93,6 +112,10 @@ class _Po2Mixin:
             min_neg = torch.min(min_val.float(), torch.zeros_like(scale))
             zero = (self.quant_min - torch.round(min_neg / scale)).to(torch.int64)
         zero = zero.clamp(self.quant_min, self.quant_max)
+        if self.even_zero_point:
+            max_pos = torch.max(max_val.float(), torch.zeros_like(scale))
+            zero = even_zero_point(zero, top=zero + torch.round(max_pos / scale).to(torch.int64),
+                                   quant_min=self.quant_min, quant_max=self.quant_max)
         return {"raw_scale": raw, "exponent": n, "unclamped_exponent": unclamped,
                 "scale": scale, "zero_point": zero}
 
@@ -101,7 +124,8 @@ class _Po2Mixin:
         return p["scale"].to(min_val.device), p["zero_point"].to(min_val.device)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, max_shift={self.max_shift}, rounding={self.rounding}"
+        return (f"{super().extra_repr()}, max_shift={self.max_shift}, rounding={self.rounding}, "
+                f"even_zero_point={self.even_zero_point}")
 
 
 class Po2MinMaxObserver(_Po2Mixin, MinMaxObserver):

@@ -88,7 +88,8 @@ def po2_quantization_config(quant: DictConfig, *, qat: bool) -> QuantizationConf
                         "inductor kernels' format): drop quant.activation_dtype, "
                         "activation_symmetric and reduce_range.")
     wmin, wmax = weight_range(quant.target)
-    po2 = {"max_shift": quant.max_shift, "rounding": quant.rounding}
+    po2 = {"max_shift": quant.max_shift, "rounding": quant.rounding,
+           "even_zero_point": quant.get("even_zero_point", True)}
     if qat:
         avg = {"averaging_constant": quant.averaging_constant}
         w_obs = (Po2AoMovingAveragePerChannelMinMaxObserver if quant.per_channel

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def qconfig_from_cfg(quant: DictConfig, *, qat: bool):
     """build_qconfig(**cfg.quant) without the keys that are not qconfig options."""
     keys = ("kind", "backend", "max_shift", "rounding", "per_channel", "activation_dtype",
-            "activation_symmetric", "reduce_range", "averaging_constant", "target")
+            "activation_symmetric", "reduce_range", "averaging_constant", "target",
+            "even_zero_point")
     return build_qconfig(qat=qat, **{k: quant[k] for k in keys if k in quant})
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch.ao.quantization import (
     FakeQuantize,
@@ -34,6 +37,17 @@ def set_backend(backend: str) -> str:
     return backend
 
 
+@contextmanager
+def quantized_engine(engine: str) -> Iterator[str]:
+    """torch.backends.quantized.engine set to `engine` inside the block, restored after it."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield engine
+    finally:
+        torch.backends.quantized.engine = previous
+
+
 def weight_range(target: str) -> tuple[int, int]:
     """Integer weight range: +-64 for `portable` (exact on every CPU), the full int8 for `vnni`."""
     if target not in TARGETS:
@@ -63,11 +77,13 @@ def build_qconfig(
     reduce_range: bool = False,
     averaging_constant: float = 0.01,
     target: str = "portable",
+    even_zero_point: bool = True,
 ) -> QConfig:
     """The QConfig for PTQ (observers) or QAT (FakeQuantize modules that run those observers).
 
     `target` bounds the integer weights (see weight_range); activations stay 8-bit unless
-    `reduce_range`."""
+    `reduce_range`; `even_zero_point` makes every po2 zero point even (see
+    observer.even_zero_point: the same integers on every engine)."""
     if kind not in KINDS:
         raise QlabError(f"quant.kind={kind!r} is not known; use quant=po2 or quant=torch.")
     wmin, wmax = weight_range(target)
@@ -81,7 +97,7 @@ def build_qconfig(
         raise QlabError(f"quant.activation_dtype={activation_dtype!r}: use quint8 or qint8.")
     act_dtype = DTYPES[activation_dtype]
     qmin, qmax = _activation_range(act_dtype, reduce_range)
-    po2 = {"max_shift": max_shift, "rounding": rounding}
+    po2 = {"max_shift": max_shift, "rounding": rounding, "even_zero_point": even_zero_point}
     act = {"dtype": act_dtype, "quant_min": qmin, "quant_max": qmax,
            "qscheme": torch.per_tensor_symmetric if activation_symmetric else torch.per_tensor_affine}
     weight = {"dtype": torch.qint8, "quant_min": wmin, "quant_max": wmax,

@@ -8,8 +8,8 @@ from omegaconf import DictConfig
 
 from qlab import artifacts
 from qlab.bench import measure_latency
-from qlab.hardware import resolve_config
 from qlab.evaluate import evaluate
+from qlab.hardware import resolve_config
 from qlab.models import Deployable, Normalize
 from qlab.runtimes import OnnxRuntime, inductor
 from qlab.stages.common import (
