@@ -67,7 +67,7 @@ def _test_split(metrics: dict, root: str | None, images: int | None):
 def _integer_logits(stage: Path, metrics: dict, pixels: torch.Tensor) -> torch.Tensor:
     from qlab.integer.export import to_integer, write_integer
     from qlab.integer.reference import IntegerModel
-    from qlab.integer.verify import rebuild_int8
+    from qlab.stages.integer import rebuild_int8
 
     folder = stage / "integer"
     if not (folder / "model.json").is_file():

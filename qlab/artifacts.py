@@ -11,15 +11,28 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import matplotlib
 import torch
 from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from qlab.errors import QlabError
+from qlab.models import Deployable
 
-from qlab.errors import QlabError  # noqa: E402
-from qlab.models import Deployable  # noqa: E402
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use: only the functions that plot
+    load matplotlib, so `import qlab.artifacts` stays light."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def __getattr__(name: str):
+    if name == "plt":  # artifacts.plt, for callers that draw their own figures
+        return _pyplot()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -127,7 +140,7 @@ def plot_curves(ax_loss, ax_acc, series: dict[str, list[tuple[int, float]]], tit
 
 def save_curves(path: Path, csv_path: Path, title: str) -> Path:
     """curves.png: train vs val loss (left) and accuracy (right) per epoch."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = _pyplot().subplots(1, 2, figsize=(11, 4))
     plot_curves(a, b, read_epoch_metrics(csv_path), title)
     fig.tight_layout()
     return save_fig(fig, path)
@@ -153,7 +166,7 @@ def plot_confusion(ax, confmat: Tensor, classes: Sequence[str], title: str) -> N
 
 def save_confusion(path: Path, confmat: Tensor, classes: Sequence[str], title: str) -> Path:
     """confusion_matrix.png for one model."""
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 5.5))
     plot_confusion(ax, confmat, classes, title)
     fig.tight_layout()
     return save_fig(fig, path)
@@ -164,7 +177,7 @@ def save_fig(fig, path: Path) -> Path:
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
 
 
 MAX_BATCH = 4096

@@ -16,11 +16,25 @@ import functools
 import os
 import platform
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from qlab.errors import QlabError
+
+
+@contextmanager
+def quantized_engine(engine: str) -> Iterator[str]:
+    """torch.backends.quantized.engine set to `engine` inside the block, restored after it."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield engine
+    finally:
+        torch.backends.quantized.engine = previous
+
 
 # A pair of u8 x s8 products is exact in int16 when 2 * 255 * max|w| <= 32767, so |w| <= 64.
 PORTABLE_WEIGHT_MAX = 64
@@ -127,24 +141,19 @@ def int8_saturates(engine: str) -> bool:
     255 * 127 * 2 = 64,770; exact kernels return it, saturating ones at most 32,767."""
     from torch.ao.nn.quantized import Conv2d, Linear
 
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # quantized tensor creation is deprecated upstream
-            exact = 255 * 127 * 8  # 8 input channels
-            x = torch.quantize_per_tensor(torch.full((1, 8, 4, 4), 255.0), 1.0, 0, torch.quint8)
-            w = torch.quantize_per_tensor(torch.full((1, 8, 1, 1), 127.0), 1.0, 0, torch.qint8)
-            conv = Conv2d(8, 1, 1, bias=False)
-            conv.set_weight_bias(w, None)
-            conv.scale, conv.zero_point = 1024.0, 0  # the exact sum, 259,080, is 253 in these units
-            fc = Linear(8, 1, bias_=False)
-            fc.set_weight_bias(w.reshape(1, 8), None)
-            fc.scale, fc.zero_point = 1024.0, 0
-            got = [int(conv(x).int_repr().max()), int(fc(x[:, :, 0, 0]).int_repr().max())]
-            return any(g != round(exact / 1024) for g in got)
-    finally:
-        torch.backends.quantized.engine = previous
+    with quantized_engine(engine), warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # quantized tensor creation is deprecated upstream
+        exact = 255 * 127 * 8  # 8 input channels
+        x = torch.quantize_per_tensor(torch.full((1, 8, 4, 4), 255.0), 1.0, 0, torch.quint8)
+        w = torch.quantize_per_tensor(torch.full((1, 8, 1, 1), 127.0), 1.0, 0, torch.qint8)
+        conv = Conv2d(8, 1, 1, bias=False)
+        conv.set_weight_bias(w, None)
+        conv.scale, conv.zero_point = 1024.0, 0  # the exact sum, 259,080, is 253 in these units
+        fc = Linear(8, 1, bias_=False)
+        fc.set_weight_bias(w.reshape(1, 8), None)
+        fc.scale, fc.zero_point = 1024.0, 0
+        got = [int(conv(x).int_repr().max()), int(fc(x[:, :, 0, 0]).int_repr().max())]
+        return any(g != round(exact / 1024) for g in got)
 
 
 def resolve_engine(backend: str) -> str:

@@ -51,9 +51,9 @@ def _fp32_eager(run_dir: Path, m: dict) -> torch.nn.Module | None:
 
 def _own_forms(m: dict) -> tuple[str, ...]:
     """The forms whose accuracy is the stage's own test accuracy (the model it evaluated)."""
-    if m["stage"] == "fp32":  # its test ran under trainer.precision: fp32 forms only if 32
-        return ("eager", "torchscript-frozen") if str(m.get("precision", "32")).startswith(
-            "32") else ()
+    if m["stage"] == "fp32":  # float32: its test ran in float32, or was re-run so (bf16 training)
+        float32 = str(m.get("precision", "32")).startswith("32") or "accuracy_autocast" in m
+        return ("eager", "torchscript-frozen") if float32 else ()
     flow = (m.get("int8") or {}).get("flow", "eager")
     return {"eager": ("torchscript-frozen",), "ort": ("onnxruntime",)}.get(flow, ())
 
@@ -209,6 +209,28 @@ def save_figure(path: Path, run: Path, found: dict[str, dict]) -> Path:
     return artifacts.save_fig(fig, path)
 
 
+def selection_notes(found: dict[str, dict]) -> list[str]:
+    """Where each trained stage's checkpoint was picked and where PTQ calibrated: a figure
+    selected on the test split (data.val_split=0, the reference protocol) says so."""
+    notes = []
+    for stage, m in found.items():
+        if "selected_on" in m:
+            where = (f"{m['num_val_images']} validation images carved from the training split"
+                     if m["selected_on"] == "val" else
+                     "the test split itself (data.val_split=0, the reference protocol): its test "
+                     "accuracy is optimistic")
+            notes.append(f"- {stage}: checkpoint selected on {where}.")
+        elif m["stage"] in ("fp32", "qat"):
+            notes.append(f"- {stage}: where its checkpoint was selected is not recorded (a run "
+                         f"made before metrics.json had selected_on).")
+        if m.get("calibrated_on"):
+            notes.append(f"- {stage}: calibrated on {m.get('calib_images')} training images.")
+        if m.get("accuracy_autocast") is not None:
+            notes.append(f"- {stage}: accuracy in float32 (under bf16 autocast, as trained: "
+                         f"{m['accuracy_autocast']:.2f}%); drops are against float32.")
+    return notes
+
+
 def run_report(cfg: DictConfig) -> dict:
     """Read outputs/<name>/{fp32,ptq,qat}/metrics.json; write report.md, report.json, report.png."""
     run = Path(cfg.outputs_dir) / cfg.name
@@ -245,6 +267,7 @@ def run_report(cfg: DictConfig) -> dict:
         f"{', ISA limited by ' + str(hw['isa_limits']) if hw.get('isa_limits') else ''}.", "",
         table, "",
         *((f"Missing: {', '.join(missing)} (not run yet).", "") if missing else ()),
+        "Selection (no test-time augmentation in any row):", "", *selection_notes(found), "",
         "## Runtimes", "",
         "Every runtime of every model's artifacts, fastest first; accuracy as the stage measured "
         "it through that runtime on the test split (n/a: not measured there; an FP32 model "
@@ -254,6 +277,7 @@ def run_report(cfg: DictConfig) -> dict:
     artifacts.atomic_write(run / "report.md", lambda tmp: tmp.write_text(text))
     save_figure(run / "report.png", run, found)
     report = {"name": cfg.name, "rows": rows, "runtimes": by_runtime, "missing": missing,
+              "selected_on": {s: m.get("selected_on") for s, m in found.items()},
               "latency": latency,
               "threads": cfg.bench.threads or torch.get_num_threads(), "hardware": hw,
               "made_on": {s: m.get("hardware") for s, m in found.items()}}

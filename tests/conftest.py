@@ -54,3 +54,12 @@ def read_metrics(path: Path) -> dict:
 def _cpu_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_quantized_engine():
+    """Tests that pick a quantized engine (set_backend, test_integer's _int8) leave the next test
+    the engine it would have had."""
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine

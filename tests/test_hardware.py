@@ -14,8 +14,14 @@ from torch.nn import functional as F
 
 from qlab import hardware
 from qlab.errors import QlabError
-from qlab.hardware import PORTABLE_WEIGHT_MAX, check_int8_exact, int8_saturates, quantized_weight_max
-from qlab.quant.qconfig import build_qconfig, set_backend
+from qlab.hardware import (
+    PORTABLE_WEIGHT_MAX,
+    check_int8_exact,
+    int8_saturates,
+    quantized_engine,
+    quantized_weight_max,
+)
+from qlab.quant.qconfig import build_qconfig
 
 from conftest import AVX2_ONLY, ROOT, X86
 
@@ -37,38 +43,38 @@ def conv_against_integer_math(target: str, engine: str) -> dict:
 
     Inputs sit mostly at the top of the calibrated range (u8 near 255) and weights mostly at
     +-max: with full 8-bit weights adjacent u8 x s8 products sum far past 32,767."""
-    set_backend(engine)
-    torch.manual_seed(0)
-    model = OneConv().eval()
-    with torch.no_grad():
-        model.conv.weight.copy_(torch.where(torch.rand_like(model.conv.weight) < 0.5, 1.0, -1.0))
-        model.conv.weight[:, :, 1, 1] = 1.0  # a same-sign run along the input channels
-    model.qconfig = build_qconfig(backend=engine, target=target)
-    prepare(model, inplace=True)
-    x = torch.where(torch.rand(4, 16, 8, 8) < 0.9, 1.0, torch.rand(4, 16, 8, 8))
-    model(x)
-    int8 = convert(model)
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")
-        xq = int8.quant(x)
-        got = int8.conv(xq).int_repr().long()
-    w = int8.conv.weight()
-    wq = w.int_repr().double()
-    a = (xq.int_repr().long() - xq.q_zero_point()).double()
-    acc = F.conv2d(a, wq, padding=1)  # exact: every sum is far below 2^53
-    mult = xq.q_scale() * w.q_scale() / int8.conv.scale  # a power of two: exact in float
-    zp = int8.conv.zero_point
-    # the exact accumulator, requantized by either engine's rule, which differ only at ties:
-    # fbgemm rounds half to even then adds the zero point, oneDNN adds it first
-    fbgemm_rule = (torch.round(acc * mult) + zp).clamp(0, 255).long()
-    onednn_rule = torch.round(acc * mult + zp).clamp(0, 255).long()
-    pairs = xq.int_repr().double()[:, 0::2, 4, 4].unsqueeze(1) * wq[:, 0::2, 1, 1].unsqueeze(0) \
-        + xq.int_repr().double()[:, 1::2, 4, 4].unsqueeze(1) * wq[:, 1::2, 1, 1].unsqueeze(0)
-    wrong = (got != fbgemm_rule) & (got != onednn_rule)
-    return {"exact": not bool(wrong.any()), "mismatches": int(wrong.sum()),
-            "largest_error": int((got - fbgemm_rule).abs().max()),
-            "weight_max": quantized_weight_max(int8), "max_pair_sum": int(pairs.abs().max()),
-            "saturates": int8_saturates(engine)}
+    with quantized_engine(engine):  # restored afterwards: other tests keep their engine
+        torch.manual_seed(0)
+        model = OneConv().eval()
+        with torch.no_grad():
+            model.conv.weight.copy_(torch.where(torch.rand_like(model.conv.weight) < 0.5, 1.0, -1.0))
+            model.conv.weight[:, :, 1, 1] = 1.0  # a same-sign run along the input channels
+        model.qconfig = build_qconfig(backend=engine, target=target)
+        prepare(model, inplace=True)
+        x = torch.where(torch.rand(4, 16, 8, 8) < 0.9, 1.0, torch.rand(4, 16, 8, 8))
+        model(x)
+        int8 = convert(model)
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            xq = int8.quant(x)
+            got = int8.conv(xq).int_repr().long()
+        w = int8.conv.weight()
+        wq = w.int_repr().double()
+        a = (xq.int_repr().long() - xq.q_zero_point()).double()
+        acc = F.conv2d(a, wq, padding=1)  # exact: every sum is far below 2^53
+        mult = xq.q_scale() * w.q_scale() / int8.conv.scale  # a power of two: exact in float
+        zp = int8.conv.zero_point
+        # the exact accumulator, requantized by either engine's rule, which differ only at ties:
+        # fbgemm rounds half to even then adds the zero point, oneDNN adds it first
+        fbgemm_rule = (torch.round(acc * mult) + zp).clamp(0, 255).long()
+        onednn_rule = torch.round(acc * mult + zp).clamp(0, 255).long()
+        pairs = xq.int_repr().double()[:, 0::2, 4, 4].unsqueeze(1) * wq[:, 0::2, 1, 1].unsqueeze(0) \
+            + xq.int_repr().double()[:, 1::2, 4, 4].unsqueeze(1) * wq[:, 1::2, 1, 1].unsqueeze(0)
+        wrong = (got != fbgemm_rule) & (got != onednn_rule)
+        return {"exact": not bool(wrong.any()), "mismatches": int(wrong.sum()),
+                "largest_error": int((got - fbgemm_rule).abs().max()),
+                "weight_max": quantized_weight_max(int8), "max_pair_sum": int(pairs.abs().max()),
+                "saturates": int8_saturates(engine)}
 
 
 @pytest.mark.parametrize("engine", ["auto", "fbgemm", "x86", "onednn", "qnnpack"])

@@ -14,6 +14,7 @@ import torch
 from torch.ao.quantization import convert, prepare
 
 from qlab.errors import QlabError
+from qlab.hardware import quantized_engine
 from qlab.integer.export import snap_biases, to_integer, write_integer
 from qlab.integer.reference import IntegerModel, shift_round
 from qlab.integer.verify import zero_point_order
@@ -24,7 +25,7 @@ from qlab.models import (
     build_resnet50,
     randomize_batchnorm,
 )
-from qlab.quant.qconfig import build_qconfig, quantized_engine
+from qlab.quant.qconfig import build_qconfig
 
 from conftest import AVX2_ONLY, ROOT, X86
 
@@ -59,6 +60,8 @@ def test_shift_round_matches_exact_rational_rounding():
     # per-channel shifts, a zero shift (no rounding) and a negative one (exact left shift)
     v = torch.tensor([[5, 5, 5, 5]])
     assert shift_round(v, torch.tensor([2, 1, 0, -2]), "half_even").tolist() == [[1, 2, 5, 20]]
+    for rounding in ("half_even", "half_up", "half_away", "floor"):  # a zero shift: nothing to round
+        assert shift_round(-v, torch.tensor([0, 0, 0, -1]), rounding).tolist() == [[-5, -5, -5, -10]]
     with pytest.raises(QlabError, match="integer.rounding='nearest'"):
         shift_round(v, 1, "nearest")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import ROOT
@@ -70,3 +72,37 @@ def test_quantization_code_does_not_reach_up_into_the_stages():
                                                "qlab.hardware", "qlab.artifacts"))]
     for m in below:
         assert not {t for t in graph[m] if t.startswith("qlab.stages")}, m
+
+
+def test_importing_artifacts_does_not_load_matplotlib():
+    """Only the functions that plot import matplotlib: loading INT8 models stays light."""
+    code = "import qlab.artifacts, sys; assert 'matplotlib' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# Packages from the top down: a module may import its own layer and the layers below it only.
+LAYERS = [
+    ("stages", ("qlab.stages", "qlab.report", "qlab.cli")),
+    ("flows", ("qlab.quant.flows",)),
+    ("quantization math", ("qlab.quant",)),
+    ("integer model", ("qlab.integer",)),
+]
+
+
+def _layer(module: str) -> int:
+    for depth, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return depth
+    return len(LAYERS)  # models, data, hardware, artifacts, runtimes, ...: the base
+
+
+def test_packages_import_only_downwards():
+    graph = _imports()
+    assert _layer("qlab.quant.flows.eager") == 1 and _layer("qlab.integer.verify") == 3
+    upward = [f"{m} ({LAYERS[_layer(m)][0] if _layer(m) < len(LAYERS) else 'base'}) imports {t} "
+              f"({LAYERS[_layer(t)][0]})"
+              for m, targets in graph.items() for t in sorted(targets)
+              if _layer(t) < _layer(m)]
+    assert not upward, "\n".join(upward)

@@ -14,6 +14,7 @@ import torch.ao.nn.quantized as nnq
 from omegaconf import OmegaConf
 
 from qlab import artifacts
+from qlab.hardware import quantized_engine
 from qlab.integer.export import to_integer, write_integer
 from qlab.integer.reference import IntegerModel
 from qlab.integer.verify import zero_point_order
@@ -27,7 +28,6 @@ from qlab.models import (
 )
 from qlab.quant.flows import get_flow
 from qlab.quant.observer import Po2MinMaxObserver
-from qlab.quant.qconfig import quantized_engine
 
 from conftest import ROOT
 

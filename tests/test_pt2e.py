@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from qlab.errors import QlabError
 from qlab.models import build_resnet20
 
-from conftest import read_metrics, run_cli
+from conftest import ROOT, read_metrics, run_cli
 
-QUANT = OmegaConf.load("conf/quant/po2.yaml")
+QUANT = OmegaConf.load(ROOT / "conf" / "quant" / "po2.yaml")
 
 
 def _scales(graph_module) -> list[float]:

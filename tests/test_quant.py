@@ -53,7 +53,17 @@ def test_ptq_makes_every_int8_scale_a_power_of_two(per_channel):
     assert all(-8 <= e <= 8 for s in scales for e in s.log2().tolist())
     # the table lists the same exponents the INT8 weights carry
     fc_row = next(r for r in table if r["layer"] == "fc" and r["tensor"] == "weight")
-    assert int8.fc.weight().q_scale() == 2.0 ** fc_row["exp_max"] if not per_channel else True
+    fc_weight = int8.fc.weight()
+    if per_channel:  # one scale per output class, each exactly 2^n, n spanning the row's range
+        fc_scales = fc_weight.q_per_channel_scales().double()
+        mantissa, exponent = torch.frexp(fc_scales)
+        assert (mantissa == 0.5).all() and fc_scales.numel() == fc_row["channels"] == 10
+        exponent = exponent - 1  # frexp: scale = 0.5 * 2^exponent
+        assert torch.equal(fc_scales, torch.pow(2.0, exponent.double()))
+        assert (int(exponent.min()), int(exponent.max())) == (fc_row["exp_min"], fc_row["exp_max"])
+    else:
+        assert fc_row["exp_min"] == fc_row["exp_max"]
+        assert fc_weight.q_scale() == 2.0 ** fc_row["exp_max"]
     s = summarize(table)
     assert s["weight"]["scales"] == (26_570 if per_channel else 54)  # 53 convs + fc
     # the INT8 model still computes roughly what the FP32 one does

@@ -70,6 +70,12 @@ def test_ptq_qat_report(fp32_run):
     assert "| Model | Size (MB) | Compression | Accuracy (%) | Loss |" in proc.stdout
     assert report["hardware"]["cpu_capability"] and report["made_on"]["ptq"] == hw
     assert (fp32_run / "q" / "report.png").is_file() and (fp32_run / "q" / "report.md").is_file()
+    # where each figure was selected: FP32 and QAT on validation images carved from train
+    assert report["selected_on"] == {"fp32": "val", "ptq": None, "qat": "val", "ptq-torch": None}
+    text = (fp32_run / "q" / "report.md").read_text()
+    n_val = read_metrics(fp32_run / "q" / "fp32" / "metrics.json")["num_val_images"]
+    assert n_val > 0 and f"- fp32: checkpoint selected on {n_val} validation images" in text
+    assert f"- ptq: calibrated on {read_metrics(ptq / 'metrics.json')['calib_images']}" in text
 
 
 @pytest.mark.skipif(not X86, reason="x86 kernels")

@@ -61,8 +61,8 @@ def shift_round_(v: Tensor, shift: Tensor | int, rounding: str = "half_even") ->
             v.add_(half - rounds).add_(odd)
         elif rounding == "half_up":
             v.add_(half)
-        else:
-            negative = (v < 0).to(v.dtype)
+        else:  # a zero shift (a left shift above) has nothing to round: no tie correction
+            negative = ((v < 0) & (k > 0)).to(v.dtype)
             v.add_(half).sub_(negative)
     return v.bitwise_right_shift_(k)
 

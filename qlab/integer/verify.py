@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.ao.nn.quantized as nnq
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import Tensor, nn
-from torch.ao.quantization import convert, prepare
 from tqdm import tqdm
 
 from qlab.errors import QlabError
+from qlab.hardware import quantized_engine
 from qlab.integer.export import _Record, trace
 from qlab.integer.reference import IntegerModel
 from qlab.models import Normalize
-from qlab.quant.ptq import qconfig_from_cfg
-from qlab.quant.qconfig import quantized_engine
 
 
 @torch.inference_mode()
@@ -60,20 +55,6 @@ def stage_metrics(stage_dir: Path) -> dict:
         raise QlabError(f"{stage_dir} was made by quant.flow={metrics['int8']['flow']}; the integer "
                         f"export reads eager INT8 models: quantize with quant.flow=eager.")
     return metrics
-
-
-def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
-    """The converted eager INT8 model of a stage: its architecture, fused, prepared and converted
-    on the current engine, then its saved state_dict (weights, biases, scales) loaded."""
-    model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
-    model.eval().fuse_model(is_qat=False)
-    model.qconfig = qconfig_from_cfg(OmegaConf.create(metrics["quant"]), qat=False)
-    with warnings.catch_warnings():  # observers that never ran: their qparams are overwritten
-        warnings.simplefilter("ignore")
-        int8 = convert(prepare(model), inplace=False)
-    state = torch.load(stage_dir / "model_int8_state_dict.pt", map_location="cpu", weights_only=False)
-    int8.load_state_dict(state)
-    return int8.eval()
 
 
 @torch.inference_mode()

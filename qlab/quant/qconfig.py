@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch.ao.quantization import (
     FakeQuantize,
@@ -35,17 +32,6 @@ def set_backend(backend: str) -> str:
                         f"use one of {', '.join(supported)}.")
     torch.backends.quantized.engine = backend
     return backend
-
-
-@contextmanager
-def quantized_engine(engine: str) -> Iterator[str]:
-    """torch.backends.quantized.engine set to `engine` inside the block, restored after it."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield engine
-    finally:
-        torch.backends.quantized.engine = previous
 
 
 def weight_range(target: str) -> tuple[int, int]:

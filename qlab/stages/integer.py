@@ -4,9 +4,14 @@ verify.json, the reference executor against the stage's model_int8.pt on the who
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.ao.quantization import convert, prepare
 
 from qlab import artifacts
 from qlab.errors import QlabError
@@ -15,15 +20,29 @@ from qlab.integer.export import to_integer, write_integer
 from qlab.integer.reference import IntegerModel
 from qlab.integer.verify import (
     layer_table,
-    rebuild_int8,
     stage_metrics,
     verify,
     zero_point_order,
 )
+from qlab.quant.ptq import qconfig_from_cfg
 from qlab.quant.qconfig import set_backend
 from qlab.stages.common import build_datamodule, output_dir
 
 log = logging.getLogger(__name__)
+
+
+def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
+    """The converted eager INT8 model of a stage: its architecture, fused, prepared and converted
+    on the current engine, then its saved state_dict (weights, biases, scales) loaded."""
+    model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
+    model.eval().fuse_model(is_qat=False)
+    model.qconfig = qconfig_from_cfg(OmegaConf.create(metrics["quant"]), qat=False)
+    with warnings.catch_warnings():  # observers that never ran: their qparams are overwritten
+        warnings.simplefilter("ignore")
+        int8 = convert(prepare(model), inplace=False)
+    state = torch.load(stage_dir / "model_int8_state_dict.pt", map_location="cpu", weights_only=False)
+    int8.load_state_dict(state)
+    return int8.eval()
 
 
 def run_integer(cfg: DictConfig) -> dict:
@@ -57,6 +76,14 @@ def run_integer(cfg: DictConfig) -> dict:
     order = zero_point_order(engine) if order == "auto" else str(order)
     ref = IntegerModel.load(out, rounding=cfg.integer.rounding, gemm=cfg.integer.gemm,
                             zero_point=order)
+    # ---- integer.emit=c: the model as portable C in out/c, built and checked against the
+    # reference where a C compiler exists (qlab/integer/emit_c.py) ----
+    c_block = None
+    if cfg.integer.get("emit") is not None:
+        from qlab.integer.emit_c import check_c
+        c_block = check_c(out, ref, dm.test_dataloader(batch_size=cfg.integer.batch_size),
+                          emit=cfg.integer.emit, limit=cfg.integer.limit_images or 200)
+    # ---- end integer.emit ----
     scripted, _ = artifacts.load_torchscript(stage_dir / "model_int8.pt")
     loader = dm.test_dataloader(batch_size=cfg.integer.batch_size)
     result = verify(ref, scripted, int8, loader, mean=metrics["mean"], std=metrics["std"],
@@ -67,6 +94,8 @@ def run_integer(cfg: DictConfig) -> dict:
                "biases_off_grid": off_grid, "stage_accuracy": metrics.get("accuracy"),
                "max_acc_bits": max((r["acc_bits"] for r in layers), default=0),
                "layers": layers, "hardware": hw, "source": str(stage_dir)}
+    if c_block is not None:  # integer.emit (above)
+        result["c"] = c_block
     artifacts.write_json(out / "verify.json", result)
     log.info("integer %s: %d images, identical logits %.4f, top-1 agreement %.4f, accuracy "
              "%.2f%% (torch %.2f%%), %.1f s", source, result["images"],
