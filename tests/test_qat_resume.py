@@ -18,5 +18,7 @@ def test_qat_resume_restores_fake_quant_state(tmp_path):
     run_cli("train.py", "stage=qat", "name=r", "resume=true", *quick, "trainer.max_epochs=2",
             outputs=tmp_path)
     m = read_metrics(tmp_path / "r" / "qat" / "metrics.json")
-    assert m["epochs"] == 2 and m["train_samples_per_rank"] == [96]  # one more epoch, not two
+    # one more epoch, not two: 86 training images (10 of 96 held out), 2 full batches of 32
+    assert m["epochs"] == 2 and m["train_samples_per_rank"] == [64]
+    assert m["selected_on"] == "val" and m["num_val_images"] == 10
     assert 23.5 < m["size_mb"] < 24.3

@@ -134,11 +134,12 @@ def test_folder_data_with_missing_dir(tmp_path):
 @pytest.mark.ddp
 def test_ddp_two_processes_on_cpu(tmp_path):
     run_cli("train.py", "stage=fp32", "name=ddp", *TINY, "trainer=ddp", "trainer.devices=2",
-            "trainer.accelerator=cpu", "data.num_train=128", "data.batch_size=32", outputs=tmp_path)
+            "trainer.accelerator=cpu", "data.num_train=142", "data.batch_size=32", outputs=tmp_path)
     out = tmp_path / "ddp" / "fp32"
     m = read_metrics(out / "metrics.json")
-    assert m["world_size"] == 2
-    # global batch 32 split 16 per rank; each rank trained on its half of the 128 images
+    assert m["world_size"] == 2 and m["num_val_images"] == 14
+    # 142 images, 14 held out for validation; global batch 32 split 16 per rank; each rank
+    # trained on its half of the other 128
     assert m["train_samples_per_rank"] == [64, 64]
     assert (out / "model_fp32.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert not list(tmp_path.glob("ddp/fp32/**/*rank1*"))
@@ -152,7 +153,7 @@ def test_ddp_qat_through_the_pt2e_flow(tmp_path):
     run_cli("train.py", "stage=fp32", "name=q", *tiny, outputs=tmp_path)
     run_cli("train.py", "stage=qat", "name=q", *tiny, "quant.flow=pt2e",
             "tag=-pt2e", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-            "data.num_train=128", "data.batch_size=32", outputs=tmp_path, timeout=900)
+            "data.num_train=142", "data.batch_size=32", outputs=tmp_path, timeout=900)
     m = read_metrics(tmp_path / "q" / "qat-pt2e" / "metrics.json")
     assert m["world_size"] == 2 and m["train_samples_per_rank"] == [64, 64]
     assert m["int8"]["flow"] == "pt2e" and m["runtimes"]["torch.export"]["agrees_with_torch"]
