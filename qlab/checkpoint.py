@@ -28,7 +28,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             f"corrupt: copy it again or retrain the FP32 stage."
         ) from None
     if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
-        blob = blob["state_dict"]  # a Lightning checkpoint
+        blob = blob["state_dict"]  # a Lightning checkpoint: the network is LitClassifier.model;
+        network = {k: v for k, v in blob.items() if k.removeprefix("module.").startswith("model.")}
+        blob = network or blob     # its other buffers (normalize.*) are not the network's
     if not isinstance(blob, dict) or not all(isinstance(v, Tensor) for v in blob.values()):
         raise QlabError(f"{path} holds no state_dict (got {type(blob).__name__}).")
     out = {}

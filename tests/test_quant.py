@@ -137,7 +137,10 @@ def test_target_bounds_the_integer_weights(kind, target, limit):
 def test_weights_load_through_prefixes_and_bad_files_are_explained(tmp_path):
     model = build_resnet50(stem="imagenet")
     sd = model.state_dict()
-    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "l.ckpt")
+    # a LitClassifier checkpoint: the network under model., the module's own normalize buffers
+    lit = {f"model.{k}": v for k, v in sd.items()} | {"normalize.mean": torch.zeros(1, 3, 1, 1),
+                                                      "normalize.std": torch.ones(1, 3, 1, 1)}
+    torch.save({"state_dict": lit, "epoch": 3}, tmp_path / "l.ckpt")
     torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pt")
     for f in ("l.ckpt", "ddp.pt"):
         fresh = build_resnet50(stem="imagenet")
