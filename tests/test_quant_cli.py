@@ -1,6 +1,7 @@
 """fp32 -> ptq -> qat -> report through the real entry points, on tiny synthetic data."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,10 +14,18 @@ QUICK = [*TINY, "quant.calib_batches=2"]
 
 
 @pytest.fixture(scope="module")
-def fp32_run(tmp_path_factory):
+def fp32_seed(tmp_path_factory):
+    """One FP32 run for the module, never written to after it is made."""
     outputs = tmp_path_factory.mktemp("outputs")
     run_cli("train.py", "stage=fp32", "name=q", *TINY, outputs=outputs)
     return outputs
+
+
+@pytest.fixture
+def fp32_run(fp32_seed, tmp_path):
+    """A private copy of that run: what one test writes there, no other test reads."""
+    shutil.copytree(fp32_seed, tmp_path / "outputs")
+    return tmp_path / "outputs"
 
 
 def test_ptq_qat_report(fp32_run):
@@ -165,6 +174,7 @@ def test_integer_stage_refusals(fp32_run):
                        outputs=fp32_run, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert message in proc.stderr
+    run_cli("quantize.py", "stage=ptq", "name=q", *QUICK, outputs=fp32_run)  # a stage to read
     proc = run_cli("quantize.py", "stage=integer", "name=q", "integer.rounding=nearest", *QUICK,
                    outputs=fp32_run, check=False)
     assert proc.returncode == 2 and "half_even, half_up, half_away, floor" in proc.stderr
