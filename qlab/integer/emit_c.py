@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from qlab.errors import QlabError
-from qlab.integer.reference import IntegerModel
+from qlab.integer.reference import IntegerModel, check_avgpool_shift
 
 log = logging.getLogger(__name__)
 
@@ -621,10 +621,7 @@ class _Emitter:
 
     def op_avgpool(self, i: int, op: dict) -> None:
         (kh, kw), (sh, sw) = op["kernel"], op["stride"]
-        n = kh * kw
-        if n & (n - 1) or (1 << int(op["shift"])) != n:
-            raise QlabError(f"op {op['name']!r}: an average over {kh}x{kw}={n} values is not a "
-                            f"shift (the window must hold a power of two, and shift=log2 of it).")
+        check_avgpool_shift(op)
         x, y = self.tensors[op["inputs"][0]], self.tensors[op["output"]]
         if x["dtype"] != y["dtype"]:
             raise QlabError(f"op {op['name']!r}: average pooling from {x['dtype']} to "

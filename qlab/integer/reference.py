@@ -67,6 +67,14 @@ def shift_round_(v: Tensor, shift: Tensor | int, rounding: str = "half_even") ->
     return v.bitwise_right_shift_(k)
 
 
+def check_avgpool_shift(op: dict) -> None:
+    """An average pool is a shift only over a power-of-two window with shift = log2 of it."""
+    (kh, kw), n = op["kernel"], op["kernel"][0] * op["kernel"][1]
+    if n & (n - 1) or (1 << int(op["shift"])) != n:
+        raise QlabError(f"op {op['name']!r}: an average over {kh}x{kw}={n} values is not a "
+                        f"shift (the window must hold a power of two, and shift=log2 of it).")
+
+
 def shift_round(v: Tensor, shift: Tensor | int, rounding: str = "half_even") -> Tensor:
     """shift_round_ on a copy (int64)."""
     return shift_round_(v.to(torch.int64, copy=True), shift, rounding)
@@ -306,14 +314,11 @@ class IntegerModel:
 
     def _avgpool(self, op: dict, x: Tensor) -> Tensor:
         (kh, kw), (sh, sw) = op["kernel"], op["stride"]
-        n = kh * kw
-        if n & (n - 1) or (1 << int(op["shift"])) != n:
-            raise QlabError(f"op {op['name']!r}: an average over {kh}x{kw}={n} values is not a "
-                            f"shift (the window must hold a power of two, and shift=log2 of it).")
+        check_avgpool_shift(op)
         zp = int(op["out_zero_point"])
         acc = x.to(torch.int32).unfold(2, kh, sh).unfold(3, kw, sw).sum(dim=(-2, -1),
                                                                          dtype=torch.int32)
-        acc.sub_(n * zp)
+        acc.sub_(kh * kw * zp)
         return self._requant(op, acc, int(op["shift"]))
 
     def quantize_input(self, pixels: Tensor) -> Tensor:
