@@ -22,6 +22,7 @@ class TrainAugment(nn.Module):
         mean: Sequence[float],
         std: Sequence[float],
         crop_padding: int | None = 4,
+        crop_padding_mode: str = "constant",
         hflip: bool = True,
         color_jitter: Sequence[float] | None = (0.3, 0.3, 0.3, 0.1),
         rotation: float | None = 20.0,
@@ -34,8 +35,12 @@ class TrainAugment(nn.Module):
     ) -> None:
         super().__init__()
         steps: list[nn.Module] = []
+        if crop_padding_mode not in ("constant", "reflect", "replicate"):
+            raise ValueError(f"augment.crop_padding_mode={crop_padding_mode!r}: use constant "
+                             f"(zeros), reflect or replicate.")
         if crop_padding:
-            steps.append(K.RandomCrop((image_size, image_size), padding=int(crop_padding)))
+            steps.append(K.RandomCrop((image_size, image_size), padding=int(crop_padding),
+                                      padding_mode=crop_padding_mode))
         if hflip:
             steps.append(K.RandomHorizontalFlip(p=0.5))
         if color_jitter:

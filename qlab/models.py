@@ -125,15 +125,18 @@ class ConvGroup(nn.Module):
     """conv3x3-BN-ReLU, 2x2 max-pool, conv3x3-BN-ReLU: one of AirNet's three stages. BN and ReLU
     come before the pool (airbench pools first) so each conv fuses with its BN and ReLU."""
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, *, bn_momentum: float = 0.1,
+                 bn_weight: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = nn.BatchNorm2d(cout, momentum=bn_momentum)
         self.relu1 = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = nn.BatchNorm2d(cout, momentum=bn_momentum)
         self.relu2 = nn.ReLU(inplace=True)
+        for bn in (self.bn1, self.bn2):
+            bn.weight.requires_grad_(bn_weight)  # airbench trains only the BN biases
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(self.relu1(self.bn1(self.conv1(x))))
@@ -148,26 +151,41 @@ class AirNet(nn.Module):
     per 32x32 image, 1.97 M parameters."""
 
     def __init__(self, *, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256),
-                 whiten_width: int = 24, train_whitening: bool = False) -> None:
+                 whiten_width: int = 24, train_whitening: bool = False, init: str = "kaiming",
+                 bn_momentum: float = 0.1, bn_weight: bool = True,
+                 logit_scale: float = 1.0) -> None:
         super().__init__()
         _check_classes(num_classes)
         if whiten_width % 2 or not 2 <= whiten_width <= 24:
             raise ValueError(f"model.whiten_width={whiten_width}: an even number from 2 to 24 "
                              f"(twice the number of 2x2x3 whitening filters kept, at most 12).")
+        if init not in ("kaiming", "dirac"):
+            raise ValueError(f"model.init={init!r}: use kaiming (He normal, fan-out) or dirac "
+                             f"(torch's default init with an identity kernel on the first "
+                             f"in_channels filters, as airbench).")
+        if not 0.0 < bn_momentum <= 1.0:
+            raise ValueError(f"model.bn_momentum={bn_momentum}: torch's convention, in (0, 1] "
+                             f"(the running statistics' update weight; airbench's 0.6 is 0.4 here).")
+        if not logit_scale > 0:
+            raise ValueError(f"model.logit_scale={logit_scale} must be positive.")
         self.quant, self.dequant = QuantStub(), DeQuantStub()
         self.whiten = nn.Conv2d(3, whiten_width, 2, bias=True)
         self.whiten.weight.requires_grad_(train_whitening)  # airbench keeps the filters fixed
         self.whiten_relu = nn.ReLU(inplace=True)
         groups, cin = [], whiten_width
         for width in widths:
-            groups.append(ConvGroup(cin, width))
+            groups.append(ConvGroup(cin, width, bn_momentum=bn_momentum, bn_weight=bn_weight))
             cin = width
         self.layers = nn.Sequential(*groups)
         self.pool = nn.MaxPool2d(3)
         self.fc = nn.Linear(cin, num_classes)
+        self.logit_scale = float(logit_scale)
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m is not self.whiten:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if init == "kaiming":
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                else:  # the conv keeps torch's default init; its first filters pass inputs on
+                    nn.init.dirac_(m.weight.data[:min(m.in_channels, m.out_channels)])
 
     @torch.no_grad()
     def init_whitening(self, images: Tensor, eps: float = 5e-4) -> None:
@@ -188,10 +206,24 @@ class AirNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.whiten_relu(self.whiten(self.quant(x)))
         x = self.pool(self.layers(x)).flatten(1)
-        return self.dequant(self.fc(x))
+        x = self.dequant(self.fc(x))
+        if self.logit_scale != 1.0:
+            x = x * self.logit_scale
+        return x
+
+    @torch.no_grad()
+    def fold_logit_scale(self) -> None:
+        """Fold the logit scale into the linear head (same logits, one op fewer): every quantized
+        form starts from here, so the INT8 head carries the scale in its weights. Idempotent."""
+        if self.logit_scale != 1.0:
+            self.fc.weight.mul_(self.logit_scale)
+            self.fc.bias.mul_(self.logit_scale)
+            self.logit_scale = 1.0
 
     def fuse_model(self, is_qat: bool | None = None) -> None:
-        """Whitening conv + ReLU, then conv-BN-ReLU twice per group."""
+        """The logit scale into the head, whitening conv + ReLU, then conv-BN-ReLU twice per
+        group."""
+        self.fold_logit_scale()
         _fuse_modules(self, ["whiten", "whiten_relu"], is_qat, inplace=True)
         for group in self.layers:
             _fuse_modules(group, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"]], is_qat,
@@ -199,10 +231,13 @@ class AirNet(nn.Module):
 
 
 def build_airnet(*, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256),
-                 whiten_width: int = 24, train_whitening: bool = False) -> AirNet:
+                 whiten_width: int = 24, train_whitening: bool = False, init: str = "kaiming",
+                 bn_momentum: float = 0.1, bn_weight: bool = True,
+                 logit_scale: float = 1.0) -> AirNet:
     """AirNet (see the class): the testbed network."""
     return AirNet(num_classes=num_classes, widths=tuple(widths), whiten_width=whiten_width,
-                  train_whitening=train_whitening)
+                  train_whitening=train_whitening, init=init, bn_momentum=bn_momentum,
+                  bn_weight=bn_weight, logit_scale=logit_scale)
 
 
 # torchvision's MobileNetV2 setting (expansion t, channels c, blocks n, stride s) with the

@@ -34,6 +34,7 @@ class LitClassifier(L.LightningModule):
         mixup_prob: float = 0.5,
         scheduler_interval: str = "epoch",
         channels_last: bool = False,
+        norm_bias_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         lr = getattr(optimizer, "keywords", {}).get("lr")
@@ -45,6 +46,9 @@ class LitClassifier(L.LightningModule):
             raise QlabError(f"module.mixup_alpha={mixup_alpha} must be >= 0 (0 turns mixup off).")
         if not 0.0 <= label_smoothing < 1.0:
             raise QlabError(f"module.label_smoothing={label_smoothing} must be in [0, 1).")
+        if not norm_bias_lr_scale > 0:
+            raise QlabError(f"module.norm_bias_lr_scale={norm_bias_lr_scale} must be positive "
+                            f"(1 trains BN biases like every other parameter).")
         if scheduler_interval not in ("epoch", "step"):
             raise QlabError(f"module.scheduler_interval={scheduler_interval!r}: use epoch or step.")
         self.model, self.augment = model, augment
@@ -53,7 +57,7 @@ class LitClassifier(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.scheduler_interval = scheduler_interval
         self.label_smoothing, self.mixup_alpha, self.mixup_prob = label_smoothing, mixup_alpha, mixup_prob
-        self.channels_last = channels_last
+        self.channels_last, self.norm_bias_lr_scale = channels_last, norm_bias_lr_scale
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -125,14 +129,33 @@ class LitClassifier(L.LightningModule):
             self.train_seconds += time.perf_counter() - self._t0
             self._t0 = None
 
+    def param_groups(self) -> list[dict]:
+        """One group, or two when module.norm_bias_lr_scale != 1: BatchNorm biases at lr x scale
+        and weight_decay / scale (the same decay per step), as airbench's bias_scaler."""
+        k = self.norm_bias_lr_scale
+        if k == 1.0:
+            return [{"params": list(self.parameters())}]
+        norm_biases = {id(m.bias) for m in self.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        lr, wd = keywords.get("lr"), keywords.get("weight_decay", 0.0)
+        if lr is None:
+            raise QlabError("module.norm_bias_lr_scale needs optimizer.lr in the config.")
+        return [{"params": [p for p in self.parameters() if id(p) not in norm_biases]},
+                {"params": [p for p in self.parameters() if id(p) in norm_biases],
+                 "lr": lr * k, "weight_decay": wd / k}]
+
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.param_groups())
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         extra = {}
-        if getattr(self.scheduler_factory, "keywords", {}).get("total_steps", 0) is None:
+        keywords = getattr(self.scheduler_factory, "keywords", {})
+        if keywords.get("total_steps", 0) is None:
             # total_steps: null in the config (one-cycle): every optimizer step of this fit
             extra["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        if "max_lr" in keywords and len(optimizer.param_groups) > 1:
+            extra["max_lr"] = [g["lr"] for g in optimizer.param_groups]  # each group its own peak
         scheduler = self.scheduler_factory(optimizer=optimizer, **extra)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}

@@ -82,8 +82,9 @@ def build_lit(cfg: DictConfig, model: torch.nn.Module, dm: ImageDataModule) -> L
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Trainer:
-    """The Trainer from cfg.trainer with cfg.callbacks and cfg.logger."""
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    """The Trainer from cfg.trainer with cfg.callbacks (a null entry is switched off) and
+    cfg.logger."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks + list(extra_callbacks or []),
                           logger=loggers or False, default_root_dir=str(output_dir()))
