@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from qlab.augment import mixup
 from qlab.errors import QlabError
+from qlab.evaluate import check_tta, tta_logits
 from qlab.models import Normalize
 
 
@@ -35,6 +36,7 @@ class LitClassifier(L.LightningModule):
         scheduler_interval: str = "epoch",
         channels_last: bool = False,
         norm_bias_lr_scale: float = 1.0,
+        tta: str = "none",
     ) -> None:
         super().__init__()
         lr = getattr(optimizer, "keywords", {}).get("lr")
@@ -58,6 +60,7 @@ class LitClassifier(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.label_smoothing, self.mixup_alpha, self.mixup_prob = label_smoothing, mixup_alpha, mixup_prob
         self.channels_last, self.norm_bias_lr_scale = channels_last, norm_bias_lr_scale
+        self.tta = check_tta(tta)  # test only: validation (checkpoint selection) sees one view
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -91,7 +94,7 @@ class LitClassifier(L.LightningModule):
             loss = lam * self._loss(logits, y_a) + (1.0 - lam) * self._loss(logits, y_b)
             y = y_a if lam >= 0.5 else y_b  # accuracy against the dominant label
         else:
-            logits = self(x)
+            logits = tta_logits(self, x, self.tta) if split == "test" else self(x)
             loss = self._loss(logits, y)
         acc = getattr(self, f"{split}_acc")
         acc(logits, y)

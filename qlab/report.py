@@ -231,6 +231,22 @@ def selection_notes(found: dict[str, dict]) -> list[str]:
     return notes
 
 
+def tta_notes(found: dict[str, dict]) -> list[str]:
+    """Whether the rows' test figures average test-time augmentation views (module.tta), and a
+    warning when the stages differ (their accuracies are then not comparable)."""
+    modes = {stage: m.get("tta", "none") for stage, m in found.items()}
+    if set(modes.values()) == {"none"}:
+        return ["- No test-time augmentation in any row."]
+    views = {"flip": 2, "flip_translate": 6}
+    notes = [f"- {stage}: test logits averaged over {views[mode]} views ({mode})"
+             if mode in views else f"- {stage}: no test-time augmentation"
+             for stage, mode in modes.items()]
+    if len(set(modes.values())) > 1:
+        notes.append("- The stages used different test-time augmentation: their accuracies and "
+                     "drops are not comparable. Re-run them with the same module.tta.")
+    return notes
+
+
 def run_report(cfg: DictConfig) -> dict:
     """Read outputs/<name>/{fp32,ptq,qat}/metrics.json; write report.md, report.json, report.png."""
     run = Path(cfg.outputs_dir) / cfg.name
@@ -267,7 +283,8 @@ def run_report(cfg: DictConfig) -> dict:
         f"{', ISA limited by ' + str(hw['isa_limits']) if hw.get('isa_limits') else ''}.", "",
         table, "",
         *((f"Missing: {', '.join(missing)} (not run yet).", "") if missing else ()),
-        "Selection (no test-time augmentation in any row):", "", *selection_notes(found), "",
+        "Selection and test-time augmentation:", "", *selection_notes(found), *tta_notes(found),
+        "",
         "## Runtimes", "",
         "Every runtime of every model's artifacts, fastest first; accuracy as the stage measured "
         "it through that runtime on the test split (n/a: not measured there; an FP32 model "
@@ -278,6 +295,7 @@ def run_report(cfg: DictConfig) -> dict:
     save_figure(run / "report.png", run, found)
     report = {"name": cfg.name, "rows": rows, "runtimes": by_runtime, "missing": missing,
               "selected_on": {s: m.get("selected_on") for s, m in found.items()},
+              "tta": {s: m.get("tta", "none") for s, m in found.items()},
               "latency": latency,
               "threads": cfg.bench.threads or torch.get_num_threads(), "hardware": hw,
               "made_on": {s: m.get("hardware") for s, m in found.items()}}

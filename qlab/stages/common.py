@@ -136,6 +136,7 @@ def base_metrics(cfg: DictConfig, stage: str, dm: ImageDataModule, out: Path) ->
         "config_path": str((out / ".hydra" / "config.yaml").resolve()),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data_source": dm.source,
+        "tta": cfg.module.get("tta", "none"),
     }
 
 
@@ -151,7 +152,7 @@ def evaluate_runtimes(runs: dict, dm: ImageDataModule, cfg: DictConfig) -> dict[
     """The test split through each runtime of the exported artifacts (float [0,1] images in)."""
     return {name: evaluate(run, dm.test_dataloader(), num_classes=dm.num_classes,
                            mean=[0.0] * len(dm.mean), std=[1.0] * len(dm.std),
-                           label_smoothing=cfg.module.label_smoothing)
+                           label_smoothing=cfg.module.label_smoothing, tta=cfg.module.tta)
             for name, run in runs.items()}
 
 

@@ -65,7 +65,7 @@ def float32_test(cfg: DictConfig, model: torch.nn.Module, dm, result: dict) -> d
     if str(cfg.trainer.precision) in ("32", "32-true"):
         return {}
     fp32 = evaluate(model, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
-                    std=dm.std, label_smoothing=cfg.module.label_smoothing)
+                    std=dm.std, label_smoothing=cfg.module.label_smoothing, tta=cfg.module.tta)
     return {"accuracy_autocast": result["accuracy"], "loss_autocast": result["loss"],
             "accuracy": fp32["accuracy"], "loss": fp32["loss"], "confmat": fp32["confmat"]}
 

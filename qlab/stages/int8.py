@@ -57,7 +57,7 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
         {"engine": flow.kernels} if flow.kernels else {}) | ({"kind": flow.kind} if flow.kind else {})
     check_int8_exact(record["weight_max"], record["engine"], f"The {stage} INT8 model")
     result = evaluate(int8, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
-                      std=dm.std, label_smoothing=cfg.module.label_smoothing)
+                      std=dm.std, label_smoothing=cfg.module.label_smoothing, tta=cfg.module.tta)
     size_mb = artifacts.save_state_dict(out / "model_int8_state_dict.pt", int8)
     deployable = flow.export(int8, dm.mean, dm.std, out,
                              meta=record | {"hardware": extra.get("hardware", {})},
