@@ -185,28 +185,83 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def save_figure(path: Path, run: Path, found: dict[str, dict]) -> Path:
-    """Curves (FP32, QAT) on top, the three confusion matrices below, in one PNG."""
+def _plot_tradeoff(ax, rows: list[dict], key: str, label: str) -> None:
+    """Accuracy against `key` (size or latency): each model a labelled point, FP32 a line."""
+    points = [r for r in rows if not r["missing"] and r.get(key) is not None]
+    for r in points:
+        marker = "*" if r["model"] == "FP32" else "o"
+        ax.plot(r[key], r["accuracy"], marker, ms=10 if marker == "*" else 6)
+        ax.annotate(r["model"], (r[key], r["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    fp32 = next((r for r in points if r["model"] == "FP32"), None)
+    if fp32 is not None:
+        ax.axhline(fp32["accuracy"], color="k", lw=0.8, ls="--", label="FP32")
+        ax.legend(fontsize=7)
+    if not points:
+        ax.text(0.5, 0.5, f"no {label}", ha="center", va="center")
+    ax.set_xlabel(label)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"accuracy vs {label}")
+    ax.grid(alpha=0.3)
+
+
+def save_figure(path: Path, run: Path, found: dict[str, dict], rows: list[dict]) -> Path:
+    """One PNG: the training curves of every trained stage (FP32, each QAT variant), accuracy
+    against size and against latency for every model, and every model's confusion matrix."""
     plt = artifacts.plt
-    fig, axes = plt.subplots(2, 4, figsize=(22, 10))
-    for col, stage in ((0, "fp32"), (2, "qat")):
-        series = artifacts.read_epoch_metrics(run / stage / "csv" / "metrics.csv")
-        if series:
-            artifacts.plot_curves(axes[0, col], axes[0, col + 1], series, stage.upper())
-        else:
-            for ax in axes[0, col:col + 2]:
-                ax.text(0.5, 0.5, f"{stage.upper()}: no curves", ha="center", va="center")
-    for col, stage in enumerate(STAGES):
-        ax, m = axes[1, col], found.get(stage)
-        if m and m.get("confusion_matrix"):
+    trained = {stage: series for stage in found
+               if (series := artifacts.read_epoch_metrics(run / stage / "csv" / "metrics.csv"))}
+    ncols = max(4, 2 * len(trained))
+    conf_rows = -(-len(found) // ncols)
+    fig, axes = plt.subplots(2 + conf_rows, ncols, figsize=(5.5 * ncols, 5 * (2 + conf_rows)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i, (stage, series) in enumerate(trained.items()):
+        a, b = axes[0, 2 * i], axes[0, 2 * i + 1]
+        a.set_axis_on()
+        b.set_axis_on()
+        artifacts.plot_curves(a, b, series, stage.upper())
+    if not trained:
+        axes[0, 0].text(0.5, 0.5, "no training curves (no fp32/qat csv)", ha="center",
+                        va="center")
+    for ax, key, label in ((axes[1, 0], "size_mb", "size (MB)"),
+                           (axes[1, 1], "latency_ms", "latency (ms, one image)")):
+        ax.set_axis_on()
+        _plot_tradeoff(ax, rows, key, label)
+    for i, (stage, m) in enumerate(found.items()):
+        ax = axes[2 + i // ncols, i % ncols]
+        if m.get("confusion_matrix"):
+            ax.set_axis_on()
             artifacts.plot_confusion(ax, torch.tensor(m["confusion_matrix"]), m["classes"],
                                      f"{stage.upper()} ({m['accuracy']:.2f}%)")
         else:
-            ax.text(0.5, 0.5, f"{stage.upper()}: missing", ha="center", va="center")
-            ax.set_axis_off()
-    axes[1, 3].set_axis_off()
+            ax.text(0.5, 0.5, f"{stage.upper()}: no confusion matrix", ha="center", va="center")
     fig.tight_layout()
     return artifacts.save_fig(fig, path)
+
+
+def sensitivity_notes(run: Path, found: dict[str, dict], worst: int = 5) -> tuple[list[str], dict]:
+    """The worst ops of each INT8 stage, where stage=sensitivity has measured them."""
+    notes, table = [], {}
+    for stage, m in found.items():
+        if m["stage"] == "fp32":
+            continue
+        path = run / stage / "sensitivity" / "sensitivity.json"
+        if not path.is_file():
+            notes.append(f"- {stage}: not measured (`python quantize.py stage=sensitivity "
+                         f"name={m['name']} from={stage}`).")
+            continue
+        sens = json.loads(path.read_text())
+        base = sens["accuracy"]["float"]
+        ops = sens["worst_first"][:worst]
+        table[stage] = [op["name"] for op in ops]
+        listed = "; ".join(
+            f"{op['name']} ({op['accuracy_only_this_quantized'] - base:+.2f} pt when only it is "
+            f"quantized, {op['float_gain']:+.2f} pt when only it stays float)" for op in ops)
+        notes.append(f"- {stage} ({sens['subset']['images']} {sens['subset']['split']} images): "
+                     f"{listed}.")
+    return notes, table
 
 
 def selection_notes(found: dict[str, dict]) -> list[str]:
@@ -266,6 +321,7 @@ def run_report(cfg: DictConfig) -> dict:
     rows = build_rows(found, latency)
     table = markdown_table(rows)
     by_runtime = runtime_rows(found, latency)
+    sens_notes, worst = sensitivity_notes(run, found)
     missing = [s for s in STAGES if s not in found]
     if "fp32" not in found:
         log.warning("No FP32 run under %s: compression, accuracy drop and speedup are n/a.", run)
@@ -290,12 +346,16 @@ def run_report(cfg: DictConfig) -> dict:
         "it through that runtime on the test split (n/a: not measured there; an FP32 model "
         "tested under bf16 autocast has its own accuracy only in the table above).", "",
         runtimes_table(by_runtime), "",
-        "![curves and confusion matrices](report.png)", ""])
+        *(("## Which ops cost the accuracy", "",
+           "The worst ops of each INT8 stage (stage=sensitivity, its sensitivity.md has all):",
+           "", *sens_notes, "") if sens_notes else ()),
+        "![curves, accuracy vs size and latency, confusion matrices](report.png)", ""])
     artifacts.atomic_write(run / "report.md", lambda tmp: tmp.write_text(text))
-    save_figure(run / "report.png", run, found)
+    save_figure(run / "report.png", run, found, rows)
     report = {"name": cfg.name, "rows": rows, "runtimes": by_runtime, "missing": missing,
               "selected_on": {s: m.get("selected_on") for s, m in found.items()},
               "tta": {s: m.get("tta", "none") for s, m in found.items()},
+              "sensitivity": worst,
               "latency": latency,
               "threads": cfg.bench.threads or torch.get_num_threads(), "hardware": hw,
               "made_on": {s: m.get("hardware") for s, m in found.items()}}

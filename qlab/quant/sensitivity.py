@@ -1,0 +1,255 @@
+"""Per-op sensitivity of an eager INT8 model: which quantized op costs the accuracy.
+
+Every quantized op of the converted model (the input quantization, each conv and linear, each
+add) is paired with the same op of the FP32 model fused the same way. For each op:
+
+- SQNR (dB) of its weights and of its output, 10 log10(sum x^2 / sum (x - x_hat)^2): the
+  converted model's tensor (dequantized) against the fused FP32 model's, on calibration images;
+- the fraction of the FP32 output that falls outside the op's INT8 range (clipped);
+- the accuracy with only that op quantized, and with only that op left in float (AIMET's two
+  sweeps). Those run on a simulation: the fused FP32 model with the converted model's own
+  dequantized weights and biases, and a fake-quantize with the converted model's own output
+  scale and zero point after each op. With every op switched on it is the converted model up to
+  float rounding; `Simulation` reports how close (simulated vs converted accuracy).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.ao.nn.quantized import Quantize as QuantizeModule
+from torch.ao.nn.quantized import QFunctional
+from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
+from torch.ao.quantization import QuantStub
+from torch.ao.nn.quantized import FloatFunctional
+
+from qlab.errors import QlabError
+
+KINDS = ("input", "conv", "linear", "add")
+
+
+@dataclass
+class QuantOp:
+    """One quantized op: where it sits in both models and the qparams of its output."""
+
+    name: str
+    kind: str
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    weight: Tensor | None = None          # the converted model's weight, dequantized
+    bias: Tensor | None = None            # its float bias (on the int32 grid)
+    float_weight: Tensor | None = None    # the fused FP32 model's
+    float_bias: Tensor | None = None
+    weight_scales: Tensor | None = None   # per-channel or one
+    stats: dict = field(default_factory=dict)
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise); inf when the tensors are identical."""
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, QuantizeModule):
+        return "input"
+    if isinstance(module, QFunctional):
+        return "add"
+    if isinstance(module, WeightedQuantizedModule) or hasattr(module, "_packed_params"):
+        name = type(module).__name__.lower()
+        if "conv" in name:
+            return "conv"
+        if "linear" in name:
+            return "linear"
+    return None
+
+
+def _weighted(module: nn.Module) -> nn.Module:
+    """The Conv2d/Linear inside a fused float module (ConvReLU2d is a Sequential)."""
+    if isinstance(module, nn.Conv2d | nn.Linear):
+        return module
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            return m
+    raise QlabError(f"No conv or linear inside {type(module).__name__}.")
+
+
+def _hook_point(module: nn.Module) -> nn.Module:
+    """Where an op's output can be observed: the module itself, or for an add (FloatFunctional /
+    QFunctional, whose forward is never called) the identity it passes its result through."""
+    if isinstance(module, FloatFunctional | QFunctional):
+        return module.activation_post_process
+    return module
+
+
+def _qrange(dtype: torch.dtype) -> tuple[int, int]:
+    return (0, 255) if dtype == torch.quint8 else (-128, 127)
+
+
+def find_ops(int8: nn.Module, fused: nn.Module, example: Tensor) -> list[QuantOp]:
+    """The quantized ops of a converted eager model in execution order, paired with the fused
+    FP32 model's modules of the same names."""
+    floats = dict(fused.named_modules())
+    candidates = {name: m for name, m in int8.named_modules() if _kind(m) is not None}
+    order: list[str] = []
+    dtypes: dict[str, torch.dtype] = {}
+    handles = []
+    for name, m in candidates.items():
+        def record(mod, inputs, output, name=name):
+            if name not in dtypes:
+                order.append(name)
+                dtypes[name] = output.dtype
+        handles.append(_hook_point(m).register_forward_hook(record))
+    with torch.inference_mode():
+        int8(example)
+    for h in handles:
+        h.remove()
+    ops = []
+    for name in order:
+        m, kind = candidates[name], _kind(candidates[name])
+        if name not in floats:
+            raise QlabError(f"The INT8 op {name} has no FP32 counterpart: the FP32 model was not "
+                            f"fused the way the INT8 one was.")
+        if kind == "input" and not isinstance(floats[name], QuantStub):
+            raise QlabError(f"{name}: an input quantization where the FP32 model has "
+                            f"{type(floats[name]).__name__}.")
+        qmin, qmax = _qrange(dtypes[name])
+        op = QuantOp(name=name, kind=kind, scale=float(m.scale), zero_point=int(m.zero_point),
+                     qmin=qmin, qmax=qmax)
+        if kind in ("conv", "linear"):
+            qw = m.weight()
+            op.weight = qw.dequantize()
+            per_channel = qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+            op.weight_scales = (qw.q_per_channel_scales() if per_channel
+                                else torch.tensor([qw.q_scale()])).double()
+            b = m.bias()
+            op.bias = None if b is None else b.detach().clone()
+            inner = _weighted(floats[name])
+            op.float_weight = inner.weight.detach().clone()
+            op.float_bias = None if inner.bias is None else inner.bias.detach().clone()
+        ops.append(op)
+    if not ops:
+        raise QlabError("The model has no quantized ops: is it a converted eager INT8 model?")
+    return ops
+
+
+class Simulation:
+    """The fused FP32 model with a switch per op: a quantized op uses the converted model's
+    weights and bias and fake-quantizes its output with the converted model's qparams; a float
+    op is the FP32 model's own."""
+
+    def __init__(self, fused: nn.Module, ops: Sequence[QuantOp]) -> None:
+        self.model = copy.deepcopy(fused).eval()
+        self.ops = list(ops)
+        self.modules = dict(self.model.named_modules())
+        self.quantized: set[str] = set()
+        for op in self.ops:
+            _hook_point(self.modules[op.name]).register_forward_hook(self._fake_quant(op))
+
+    def _fake_quant(self, op: QuantOp) -> Callable:
+        def hook(mod, inputs, output):
+            if op.name not in self.quantized:
+                return output
+            return torch.fake_quantize_per_tensor_affine(output, op.scale, op.zero_point,
+                                                         op.qmin, op.qmax)
+        return hook
+
+    def set_quantized(self, names: Iterable[str]) -> Simulation:
+        self.quantized = set(names)
+        with torch.no_grad():
+            for op in self.ops:
+                if op.weight is None:
+                    continue
+                inner = _weighted(self.modules[op.name])
+                q = op.name in self.quantized
+                inner.weight.copy_(op.weight if q else op.float_weight)
+                bias = op.bias if q else op.float_bias
+                if inner.bias is not None and bias is not None:
+                    inner.bias.copy_(bias)
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+@torch.inference_mode()
+def output_stats(ops: Sequence[QuantOp], fused: nn.Module, int8: nn.Module,
+                 batches: Iterable[Tensor]) -> None:
+    """Fill op.stats: output SQNR (converted vs fused FP32, same images), fraction of the FP32
+    output outside the op's INT8 range, and weight SQNR."""
+    sums = {op.name: [0.0, 0.0, 0, 0] for op in ops}  # signal, noise, clipped, count
+    captured: dict[str, Tensor] = {}
+    fmods, qmods = dict(fused.named_modules()), dict(int8.named_modules())
+    handles = []
+    for op in ops:
+        def keep_float(mod, inputs, output, name=op.name):
+            captured[name] = output.detach().float()
+
+        def compare(mod, inputs, output, op=op):
+            x = captured.pop(op.name)
+            x_hat = output.dequantize() if output.is_quantized else output.float()
+            s = sums[op.name]
+            s[0] += float(x.double().pow(2).sum())
+            s[1] += float((x.double() - x_hat.double()).pow(2).sum())
+            lo = (op.qmin - op.zero_point) * op.scale
+            hi = (op.qmax - op.zero_point) * op.scale
+            s[2] += int(((x < lo - op.scale / 2) | (x > hi + op.scale / 2)).sum())
+            s[3] += x.numel()
+        handles.append(_hook_point(fmods[op.name]).register_forward_hook(keep_float))
+        handles.append(_hook_point(qmods[op.name]).register_forward_hook(compare))
+    try:
+        for x in batches:
+            fused(x)
+            int8(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for op in ops:
+        signal, noise, clipped, count = sums[op.name]
+        op.stats["output_sqnr_db"] = sqnr_db(signal, noise)
+        op.stats["clipped_fraction"] = clipped / max(count, 1)
+        op.stats["output_scale_exponent"] = round(math.log2(op.scale)) if op.scale > 0 else None
+        if op.weight is not None:
+            w, wq = op.float_weight.double(), op.weight.double()
+            op.stats["weight_sqnr_db"] = sqnr_db(float(w.pow(2).sum()), float((w - wq).pow(2).sum()))
+            exps = op.weight_scales.log2().round()
+            op.stats["weight_exponents"] = [int(exps.min()), int(exps.max())]
+        else:
+            op.stats["weight_sqnr_db"] = None
+            op.stats["weight_exponents"] = None
+
+
+@torch.inference_mode()
+def accuracy(model: Callable[[Tensor], Tensor], batches: Sequence[tuple[Tensor, Tensor]]) -> float:
+    correct = total = 0
+    for x, y in batches:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / max(total, 1)
+
+
+def sweeps(sim: Simulation, batches: Sequence[tuple[Tensor, Tensor]],
+           progress: Callable[[str], None] | None = None) -> dict:
+    """AIMET's two sweeps on the simulation: accuracy with only op i quantized, and with every
+    op but i quantized; plus the all-float and all-quantized accuracies they are read against."""
+    names = [op.name for op in sim.ops]
+    result = {"float": accuracy(sim.set_quantized(()), batches),
+              "quantized": accuracy(sim.set_quantized(names), batches)}
+    for i, op in enumerate(sim.ops):
+        op.stats["accuracy_only_this_quantized"] = accuracy(sim.set_quantized([op.name]), batches)
+        op.stats["accuracy_only_this_float"] = accuracy(
+            sim.set_quantized(n for n in names if n != op.name), batches)
+        if progress:
+            progress(f"{i + 1}/{len(names)} {op.name}")
+    sim.set_quantized(names)
+    return result
