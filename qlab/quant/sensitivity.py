@@ -31,6 +31,7 @@ from torch.ao.nn.quantized import FloatFunctional
 from qlab.errors import QlabError
 
 KINDS = ("input", "conv", "linear", "add")
+AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
 @dataclass
@@ -48,6 +49,8 @@ class QuantOp:
     float_weight: Tensor | None = None    # the fused FP32 model's
     float_bias: Tensor | None = None
     weight_scales: Tensor | None = None   # per-channel or one
+    pools: list[tuple[str, float, int]] = field(default_factory=list)  # average pools it feeds:
+    # (name, scale, zero point) of their INT8 output, which rounds the mean to a code
     stats: dict = field(default_factory=dict)
 
 
@@ -103,6 +106,7 @@ def find_ops(int8: nn.Module, fused: nn.Module, example: Tensor) -> list[QuantOp
     candidates = {name: m for name, m in int8.named_modules() if _kind(m) is not None}
     order: list[str] = []
     dtypes: dict[str, torch.dtype] = {}
+    pools: dict[str, list[tuple[str, float, int]]] = {}
     handles = []
     for name, m in candidates.items():
         def record(mod, inputs, output, name=name):
@@ -110,6 +114,14 @@ def find_ops(int8: nn.Module, fused: nn.Module, example: Tensor) -> list[QuantOp
                 order.append(name)
                 dtypes[name] = output.dtype
         handles.append(_hook_point(m).register_forward_hook(record))
+    for name, m in int8.named_modules():
+        if isinstance(m, AVG_POOLS):
+            def pooled(mod, inputs, output, name=name):
+                if output.is_quantized and order and name not in {p[0] for v in pools.values()
+                                                                   for p in v}:
+                    pools.setdefault(order[-1], []).append(
+                        (name, float(output.q_scale()), int(output.q_zero_point())))
+            handles.append(m.register_forward_hook(pooled))
     with torch.inference_mode():
         int8(example)
     for h in handles:
@@ -125,7 +137,7 @@ def find_ops(int8: nn.Module, fused: nn.Module, example: Tensor) -> list[QuantOp
                             f"{type(floats[name]).__name__}.")
         qmin, qmax = _qrange(dtypes[name])
         op = QuantOp(name=name, kind=kind, scale=float(m.scale), zero_point=int(m.zero_point),
-                     qmin=qmin, qmax=qmax)
+                     qmin=qmin, qmax=qmax, pools=pools.get(name, []))
         if kind in ("conv", "linear"):
             qw = m.weight()
             op.weight = qw.dequantize()
@@ -154,14 +166,18 @@ class Simulation:
         self.modules = dict(self.model.named_modules())
         self.quantized: set[str] = set()
         for op in self.ops:
-            _hook_point(self.modules[op.name]).register_forward_hook(self._fake_quant(op))
+            hook = self._fake_quant(op.name, op.scale, op.zero_point, op.qmin, op.qmax)
+            _hook_point(self.modules[op.name]).register_forward_hook(hook)
+            for pool, scale, zero_point in op.pools:  # a quantized average rounds its mean
+                hook = self._fake_quant(op.name, scale, zero_point, op.qmin, op.qmax)
+                self.modules[pool].register_forward_hook(hook)
 
-    def _fake_quant(self, op: QuantOp) -> Callable:
+    def _fake_quant(self, name: str, scale: float, zero_point: int, qmin: int,
+                    qmax: int) -> Callable:
         def hook(mod, inputs, output):
-            if op.name not in self.quantized:
+            if name not in self.quantized:
                 return output
-            return torch.fake_quantize_per_tensor_affine(output, op.scale, op.zero_point,
-                                                         op.qmin, op.qmax)
+            return torch.fake_quantize_per_tensor_affine(output, scale, zero_point, qmin, qmax)
         return hook
 
     def set_quantized(self, names: Iterable[str]) -> Simulation:

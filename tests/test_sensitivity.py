@@ -1,0 +1,168 @@
+"""stage=sensitivity: the per-op pairing of INT8 and fused FP32, SQNR, clipping, the simulation
+that the accuracy sweeps run on, and the stage through quantize.py."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from qlab.models import build_resnet20, randomize_batchnorm
+from qlab.quant.flows.eager import EagerFlow
+from qlab.quant.ptq import calibrate, prepare_ptq
+from qlab.quant.qconfig import build_qconfig, set_backend
+from qlab.quant.sensitivity import Simulation, accuracy, find_ops, output_stats, sqnr_db, sweeps
+
+from conftest import read_metrics, run_cli
+
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+def _images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+
+
+def _normalized(n, seed):
+    x = _images(n, seed).float() / 255.0
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def resnet20_int8():
+    set_backend("x86")
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build_resnet20()).eval()
+    fused = copy.deepcopy(model)
+    fused.fuse_model(is_qat=False)
+    prepared = prepare_ptq(model, build_qconfig(backend="x86", per_channel=True))
+    calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+    int8 = EagerFlow().convert(prepared, torch.zeros(1, 3, 32, 32))
+    return fused, int8
+
+
+def test_sqnr_db():
+    assert sqnr_db(100.0, 1.0) == pytest.approx(20.0)
+    assert sqnr_db(1.0, 0.0) == math.inf and sqnr_db(0.0, 1.0) == -math.inf
+
+
+def test_every_quantized_op_is_found_in_execution_order(resnet20_int8):
+    fused, int8 = resnet20_int8
+    ops = find_ops(int8, fused, torch.zeros(1, 3, 32, 32))
+    kinds = [op.kind for op in ops]
+    # the input, 19 3x3 convs + 2 projections, 9 residual adds, the linear head
+    assert kinds.count("input") == 1 and kinds.count("conv") == 21
+    assert kinds.count("add") == 9 and kinds.count("linear") == 1
+    assert ops[0].kind == "input" and ops[-1].kind == "linear" and ops[-1].name == "fc"
+    for op in ops:
+        assert op.scale > 0 and math.log2(op.scale) == round(math.log2(op.scale))  # po2
+        if op.kind in ("conv", "linear"):
+            assert op.weight.shape == op.float_weight.shape
+    # a residual add sits after its block's second conv
+    names = [op.name for op in ops]
+    add = next(op.name for op in ops if op.kind == "add")
+    assert names.index(add) > names.index(add.rsplit(".", 1)[0] + ".conv2")
+
+
+def test_simulation_is_the_fused_model_or_the_converted_one(resnet20_int8):
+    fused, int8 = resnet20_int8
+    ops = find_ops(int8, fused, torch.zeros(1, 3, 32, 32))
+    sim = Simulation(fused, ops)
+    x = _normalized(64, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(sim.set_quantized(())(x), fused(x))
+        simulated = sim.set_quantized(op.name for op in ops)(x)
+        converted = int8(x)
+    # the same integer codes (float sums of po2-scaled integers are exact but for a rare tie
+    # broken the other way), the average pool's rounding included
+    step = ops[-1].scale
+    assert (simulated - converted).abs().max() <= step + 1e-6
+    assert (simulated == converted).float().mean() > 0.99
+    # switching everything off again restores the FP32 weights exactly
+    with torch.no_grad():
+        torch.testing.assert_close(sim.set_quantized(())(x), fused(x), rtol=0, atol=0)
+
+
+def test_output_stats_and_sweeps(resnet20_int8):
+    fused, int8 = resnet20_int8
+    ops = find_ops(int8, fused, torch.zeros(1, 3, 32, 32))
+    output_stats(ops, fused, int8, [_normalized(32, 3)])
+    for op in ops:
+        assert math.isfinite(op.stats["output_sqnr_db"]) and op.stats["output_sqnr_db"] > 0
+        assert 0.0 <= op.stats["clipped_fraction"] < 0.5
+        if op.weight is not None:
+            w, wq = op.float_weight.double(), op.weight.double()
+            expect = 10 * math.log10(float(w.pow(2).sum() / (w - wq).pow(2).sum()))
+            assert op.stats["weight_sqnr_db"] == pytest.approx(expect)
+            assert op.stats["weight_sqnr_db"] > 15  # 7-bit (portable) po2 per-channel weights
+    # errors accumulate: the head's output is noisier than the first conv's
+    assert ops[-1].stats["output_sqnr_db"] < ops[1].stats["output_sqnr_db"]
+
+    # labels the fused FP32 model predicts: it scores 100 %, and a clipping scale hurts
+    x = _normalized(64, 4)
+    with torch.no_grad():
+        y = fused(x).argmax(1)
+    sim = Simulation(fused, ops)
+    result = sweeps(sim, [(x, y)])
+    assert result["float"] == 100.0 and result["quantized"] == accuracy(sim, [(x, y)])
+    # an op whose output scale clips almost everything: alone it ruins the accuracy
+    first = ops[1]
+    first.scale /= 256
+    try:
+        clipped = Simulation(fused, ops)
+        assert accuracy(clipped.set_quantized([first.name]), [(x, y)]) < 60
+        output_stats([first], fused, int8, [x])  # against the INT8 model's real scale: clipped
+        assert first.stats["clipped_fraction"] > 0.3  # all but the ReLU zeros
+    finally:
+        first.scale *= 256
+
+
+R20 = ["model=resnet20", "data=synthetic", "data.num_train=160", "data.num_test=64",
+       "data.batch_size=32", "data.eval_batch_size=64", "trainer.max_epochs=1",
+       "trainer.enable_progress_bar=false", "bench.runs=5", "bench.warmup=1",
+       "bench.inductor=false", "export.pt2=false", "export.onnx=false",
+       "quant.calib_batches=2"]
+SENS = ["sensitivity.images=48", "sensitivity.calib_images=40"]
+
+
+def test_sensitivity_stage_and_report(tmp_path):
+    run_cli("train.py", "stage=fp32", "name=s", *R20, outputs=tmp_path)
+    run_cli("quantize.py", "stage=ptq", "name=s", *R20, outputs=tmp_path)
+    run_cli("quantize.py", "stage=sensitivity", "name=s", "from=ptq", *R20, *SENS,
+            outputs=tmp_path)
+    out = tmp_path / "s" / "ptq" / "sensitivity"
+    for f in ("sensitivity.json", "sensitivity.md", "sensitivity.png"):
+        assert (out / f).is_file(), f
+    result = json.loads((out / "sensitivity.json").read_text())
+    assert result["flow"] == "eager" and result["subset"] == {"split": "test", "images": 48,
+                                                              "seed": 42}
+    assert result["calibration_images"] == 40 and len(result["ops"]) == 32
+    for op in result["ops"]:
+        for key in ("output_sqnr_db", "accuracy_only_this_quantized", "accuracy_only_this_float",
+                    "clipped_fraction", "output_scale_exponent", "output_rounding"):
+            assert op[key] is not None, (op["name"], key)
+        assert (op["weight_sqnr_db"] is None) == (op["kind"] in ("input", "add"))
+        if op["kind"] == "conv":
+            assert op["weight_rounding"] is not None
+    # the simulation stands for the converted model
+    acc = result["accuracy"]
+    assert acc["agreement"] > 0.9 and abs(acc["quantized"] - acc["converted"]) < 10
+    ptq = read_metrics(tmp_path / "s" / "ptq" / "metrics.json")
+    assert acc["converted"] == pytest.approx(ptq["accuracy"], abs=15)  # a 48-image subset of 64
+    worst = result["worst"]
+    assert len(worst) == 5 and worst == [op["name"] for op in result["worst_first"][:5]]
+    md = (out / "sensitivity.md").read_text()
+    assert md.index(f"| 1 | {worst[0]} |") < md.index(f"| 2 | {worst[1]} |")
+
+    run_cli("quantize.py", "stage=report", "name=s", *R20, outputs=tmp_path)
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["sensitivity"] == {"ptq": worst}
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert f"- ptq (48 test images): {worst[0]} (" in text
+
+    # an FP32 folder is not an INT8 stage: a clear error, status 2
+    proc = run_cli("quantize.py", "stage=sensitivity", "name=s", "from=fp32", *R20,
+                   outputs=tmp_path, check=False)
+    assert proc.returncode == 2 and "not an INT8 stage" in proc.stderr
