@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from qlab.models import build_resnet20, randomize_batchnorm
 from qlab.quant.flows.eager import EagerFlow

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.ao.nn.quantized import FloatFunctional, QFunctional
 from torch.ao.nn.quantized import Quantize as QuantizeModule
-from torch.ao.nn.quantized import QFunctional
 from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
 from torch.ao.quantization import QuantStub
-from torch.ao.nn.quantized import FloatFunctional
 
 from qlab.errors import QlabError
 
