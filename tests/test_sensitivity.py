@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from qlab.models import build_resnet20, randomize_batchnorm
 from qlab.quant.flows.eager import EagerFlow
@@ -165,3 +166,87 @@ def test_sensitivity_stage_and_report(tmp_path):
     proc = run_cli("quantize.py", "stage=sensitivity", "name=s", "from=fp32", *R20,
                    outputs=tmp_path, check=False)
     assert proc.returncode == 2 and "not an INT8 stage" in proc.stderr
+
+
+def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
+    from qlab.errors import QlabError
+    from qlab.quant.mixed import FloatIsland, float_islands, make_float_islands, weighted_ops
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build_resnet20()).eval()
+    fused = copy.deepcopy(model)
+    fused.fuse_model(is_qat=False)
+    names = weighted_ops(fused)
+    assert len(names) == 22 and names[0] == "conv1" and names[-1] == "fc"
+    assert "layers.3.downsample.0" in names and "conv1.0" not in names  # not inside ConvReLU
+
+    def quantize(float_layers):
+        prepared = prepare_ptq(copy.deepcopy(model), build_qconfig(backend="x86"),
+                               float_layers=float_layers)
+        calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+        return EagerFlow().convert(prepared, torch.zeros(1, 3, 32, 32))
+
+    x = _normalized(16, 5)
+    with torch.no_grad():
+        ref = fused(x)
+        all_int8 = quantize([])(x)
+        mixed = quantize(["conv1", "fc"])
+        assert float_islands(mixed) == ["conv1", "fc"]
+        assert type(mixed.fc.op) is nn.Linear and type(mixed.conv1.op).__name__ == "ConvReLU2d"
+        assert "quantized" in type(mixed.layers[0].conv1).__module__  # the rest is INT8
+        island_out = mixed(x)
+        every = quantize(names)
+        # every weighted op in float: only activation rounding is left, closer to FP32
+        assert not any("quantized" in type(m).__module__ and hasattr(m, "weight")
+                       for m in every.modules())
+        err = [(y - ref).norm() / ref.norm() for y in (all_int8, every(x))]
+        assert err[1] < err[0]
+        scripted = torch.jit.script(mixed)
+        torch.testing.assert_close(scripted(x), island_out)
+    with pytest.raises(QlabError, match="not a conv or linear op"):
+        make_float_islands(copy.deepcopy(fused), ["layers.0.add_relu"])
+    with pytest.raises(QlabError, match="is not in this model.*conv1, layers.0.conv1"):
+        make_float_islands(copy.deepcopy(fused), ["layers.0.conv9"])
+    assert isinstance(FloatIsland(nn.Linear(2, 2)).op, nn.Linear)
+
+
+def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
+    run_cli("train.py", "stage=fp32", "name=m", *R20, outputs=tmp_path)
+    run_cli("quantize.py", "stage=ptq", "name=m", "tag=-fl", "quant.float_layers=[fc,conv1]",
+            *R20, outputs=tmp_path)
+    fl = read_metrics(tmp_path / "m" / "ptq-fl" / "metrics.json")
+    assert fl["int8"]["float_layers"] == ["fc", "conv1"] == fl["quant"]["float_layers"]
+    scripted = torch.jit.load(str(tmp_path / "m" / "ptq-fl" / "model_int8.pt"))
+    graph = str(scripted.inlined_graph)  # a float head among INT8 convs
+    assert "aten::linear" in graph and "quantized::linear" not in graph and "quantized::conv" in graph
+    # the integer model has integer ops only: a clear refusal
+    proc = run_cli("quantize.py", "stage=integer", "name=m", "from=ptq-fl", *R20,
+                   outputs=tmp_path, check=False)
+    assert proc.returncode == 2 and "keeps fc, conv1 in float" in proc.stderr
+    # sensitivity of a model with islands: their requantization is an op, their conv is not
+    run_cli("quantize.py", "stage=sensitivity", "name=m", "from=ptq-fl", *R20, *SENS,
+            outputs=tmp_path)
+    sens = json.loads((tmp_path / "m" / "ptq-fl" / "sensitivity" / "sensitivity.json").read_text())
+    names = [op["name"] for op in sens["ops"]]
+    assert "fc.quant" in names and "fc" not in names and "conv1" not in names
+    assert sens["accuracy"]["agreement"] > 0.9
+
+    # automatic: coarse scales (max_shift=2) cost accuracy; ops go back to float, the most
+    # helpful first, until the validation drop is within 0 points
+    run_cli("quantize.py", "stage=ptq", "name=m", "tag=-auto", "quant.mixed.max_drop=0",
+            "quant.max_shift=2", "quant.mixed.images=32", *R20, outputs=tmp_path)
+    auto = read_metrics(tmp_path / "m" / "ptq-auto" / "metrics.json")
+    mixed = auto["mixed"]
+    steps = mixed["steps"]
+    assert mixed["val_images"] == 16 and steps[0]["float_layers"] == [] and len(steps) >= 2
+    assert all(s["drop"] > 0 for s in steps[:-1])  # it stops at the first step that meets it
+    assert mixed["met"] == (steps[-1]["drop"] <= 0) and mixed["val_drop"] == steps[-1]["drop"]
+    assert auto["int8"]["float_layers"] == mixed["float_layers"] == steps[-1]["float_layers"]
+    ranked = [r["name"] for r in mixed["ranking"]]
+    assert mixed["float_layers"] == ranked[:len(steps) - 1] and len(ranked) == 22
+    gains = [r["accuracy_only_this_float"] for r in mixed["ranking"]]
+    assert gains == sorted(gains, reverse=True)
+    # the other flows refuse, and so does QAT's automatic mode
+    proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=pt2e",
+                   "quant.float_layers=[fc]", *R20, outputs=tmp_path, check=False)
+    assert proc.returncode == 2 and "quant.flow=eager" in proc.stderr

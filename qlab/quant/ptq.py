@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from qlab.checkpoint import load_fp32_weights
 from qlab.errors import QlabError
 from qlab.hardware import quantized_for
 from qlab.models import Normalize
+from qlab.quant.mixed import make_float_islands
 from qlab.quant.qconfig import build_qconfig
 
 log = logging.getLogger(__name__)
@@ -87,10 +89,12 @@ def calibrate(model: nn.Module, loader: DataLoader, *, batches: int, mean, std) 
     return seen
 
 
-def prepare_ptq(model: nn.Module, qconfig) -> nn.Module:
-    """Fuse Conv-BN(-ReLU) in eval mode, attach observers."""
+def prepare_ptq(model: nn.Module, qconfig, float_layers: Sequence[str] = ()) -> nn.Module:
+    """Fuse Conv-BN(-ReLU) in eval mode, keep `float_layers` in float (qlab.quant.mixed), attach
+    observers."""
     model.eval()
     model.fuse_model(is_qat=False)
+    make_float_islands(model, float_layers)
     model.qconfig = qconfig
     return prepare(model, inplace=True)
 
@@ -100,4 +104,5 @@ def int8_record(weight_max: int, cfg: DictConfig) -> dict:
     return {"target": cfg.quant.target, "weight_max": weight_max,
             "quantized_for": quantized_for(weight_max), "engine": cfg.quant.backend,
             "reduce_range": bool(cfg.quant.reduce_range), "kind": cfg.quant.kind,
-            "flow": cfg.quant.get("flow", "eager")}
+            "flow": cfg.quant.get("flow", "eager"),
+            "float_layers": list(cfg.quant.get("float_layers") or [])}

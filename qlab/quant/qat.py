@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +12,7 @@ from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization import QConfig, disable_observer, prepare_qat
 
 from qlab.checkpoint import load_fp32_weights
+from qlab.quant.mixed import make_float_islands
 
 
 class QATCallback(L.Callback):
@@ -22,8 +24,10 @@ class QATCallback(L.Callback):
     """
 
     def __init__(self, *, qconfig: QConfig | None, fp32_weights: Path | None,
-                 freeze_observer_epoch: int, freeze_bn_epoch: int) -> None:
+                 freeze_observer_epoch: int, freeze_bn_epoch: int,
+                 float_layers: Sequence[str] = ()) -> None:
         self.qconfig, self.fp32_weights = qconfig, fp32_weights
+        self.float_layers = list(float_layers)
         self.freeze_observer_epoch, self.freeze_bn_epoch = freeze_observer_epoch, freeze_bn_epoch
         self.prepared = False
 
@@ -40,6 +44,7 @@ class QATCallback(L.Callback):
     def prepare(self, model: nn.Module) -> nn.Module:
         """The FP32 network (train mode) made fake-quantized, in place or as a new module."""
         model.fuse_model(is_qat=True)
+        make_float_islands(model, self.float_layers)
         model.qconfig = self.qconfig
         prepare_qat(model, inplace=True)
         return model

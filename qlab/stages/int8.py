@@ -13,6 +13,7 @@ from torch import nn
 from qlab import artifacts
 from qlab.bench import measure_latency
 from qlab.data import ImageDataModule
+from qlab.errors import QlabError
 from qlab.evaluate import evaluate
 from qlab.hardware import check_int8_exact, resolve_config
 from qlab.quant.flows import Flow, get_flow
@@ -38,6 +39,7 @@ from qlab.stages.common import (
     resume_path,
     selection,
 )
+from qlab.stages.mixed import check_mixed, choose_float_layers
 
 
 def example_input(dm: ImageDataModule) -> torch.Tensor:
@@ -97,14 +99,21 @@ def run_ptq(cfg: DictConfig) -> dict:
     set_backend(cfg.quant.backend)
     flow = get_flow(cfg.quant.flow)
     dm = build_datamodule(cfg)
+    check_mixed(cfg.quant)
     model, weights, model_cfg = load_fp32(cfg, dm.num_classes)
     dm.setup()
-    prepared = flow.prepare_ptq(model.eval(), cfg.quant, example_input(dm))
-    seen = calibrate(prepared, dm.calib_dataloader(), batches=cfg.quant.calib_batches,
-                     mean=dm.mean, std=dm.std)
-    extra = {"fp32_weights": str(weights), "calib_images": seen, "calibrated_on": "train",
-             "hardware": hw,
-             "model": OmegaConf.to_container(model_cfg, resolve=True)}
+    extra = {}
+    if cfg.quant.mixed.max_drop is not None:  # float islands chosen on validation images
+        prepared, extra["mixed"] = choose_float_layers(cfg, flow, model, dm, example_input(dm))
+        cfg.quant.float_layers = extra["mixed"]["float_layers"]
+        seen = extra["mixed"]["calib_images"]
+    else:
+        prepared = flow.prepare_ptq(model.eval(), cfg.quant, example_input(dm))
+        seen = calibrate(prepared, dm.calib_dataloader(), batches=cfg.quant.calib_batches,
+                         mean=dm.mean, std=dm.std)
+    extra |= {"fp32_weights": str(weights), "calib_images": seen, "calibrated_on": "train",
+              "hardware": hw,
+              "model": OmegaConf.to_container(model_cfg, resolve=True)}
     return finish_int8(cfg, flow, stage="ptq", prepared=prepared, dm=dm, out=out, extra=extra)
 
 
@@ -116,6 +125,11 @@ def run_qat(cfg: DictConfig) -> dict | None:
     hw = resolve_config(cfg, trains=True)
     set_backend(cfg.quant.backend)
     flow = get_flow(cfg.quant.flow)
+    check_mixed(cfg.quant)
+    if cfg.quant.mixed.max_drop is not None:
+        raise QlabError("quant.mixed.max_drop chooses float islands by PTQ; for QAT, pass the "
+                        "ops it chose: quant.float_layers=[...] (the PTQ run's metrics.json, "
+                        "mixed.float_layers).")
     dm = build_datamodule(cfg)
     weights, fp32_metrics = fp32_weights_path(cfg)
     model_cfg = fp32_model_config(cfg, fp32_metrics)

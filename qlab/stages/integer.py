@@ -24,6 +24,7 @@ from qlab.integer.verify import (
     verify,
     zero_point_order,
 )
+from qlab.quant.mixed import make_float_islands
 from qlab.quant.ptq import qconfig_from_cfg
 from qlab.quant.qconfig import set_backend
 from qlab.stages.common import build_datamodule, output_dir
@@ -36,6 +37,7 @@ def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
     on the current engine, then its saved state_dict (weights, biases, scales) loaded."""
     model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
     model.eval().fuse_model(is_qat=False)
+    make_float_islands(model, metrics.get("quant", {}).get("float_layers") or ())
     model.qconfig = qconfig_from_cfg(OmegaConf.create(metrics["quant"]), qat=False)
     with warnings.catch_warnings():  # observers that never ran: their qparams are overwritten
         warnings.simplefilter("ignore")
@@ -54,6 +56,10 @@ def run_integer(cfg: DictConfig) -> dict:
     hw = resolve_config(cfg, trains=False)
     engine = set_backend(cfg.quant.backend)
     record = metrics["int8"]
+    if record.get("float_layers"):
+        raise QlabError(f"The {source} model keeps {', '.join(record['float_layers'])} in float "
+                        f"(quant.float_layers / quant.mixed): the integer model has integer ops "
+                        f"only. Export a stage quantized without float islands.")
     check_int8_exact(record["weight_max"], engine, f"The {source} INT8 model")
     dm = build_datamodule(cfg)
     if list(dm.classes) != list(metrics["classes"]):

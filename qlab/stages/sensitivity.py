@@ -19,6 +19,7 @@ from qlab.errors import QlabError
 from qlab.hardware import resolve_config
 from qlab.integer.verify import stage_metrics
 from qlab.models import Normalize
+from qlab.quant.mixed import make_float_islands
 from qlab.quant.qconfig import set_backend
 from qlab.quant.sensitivity import Simulation, accuracy, find_ops, output_stats, sweeps
 from qlab.stages.common import build_datamodule, output_dir
@@ -27,7 +28,9 @@ from qlab.stages.integer import rebuild_int8
 log = logging.getLogger(__name__)
 
 
-def _batches(images: torch.Tensor, labels: torch.Tensor, *, mean, std, batch_size: int) -> list:
+def normalized_batches(images: torch.Tensor, labels: torch.Tensor, *, mean, std,
+                       batch_size: int) -> list:
+    """(normalized float images, labels) batches of uint8 images, in order."""
     normalize = Normalize(mean, std)
     return [(normalize(images[i:i + batch_size].float() / 255.0), labels[i:i + batch_size])
             for i in range(0, len(labels), batch_size)]
@@ -166,11 +169,12 @@ def run_sensitivity(cfg: DictConfig) -> dict:
                         f"sensitivity compares against them.")
     fused = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
     load_fp32_weights(fused, fp32_weights).eval().fuse_model(is_qat=False)
+    make_float_islands(fused, metrics["int8"].get("float_layers") or ())  # names as in int8
     mean, std = metrics["mean"], metrics["std"]
     calib_x, calib_y = subset(dm, "train", sens.calib_images, cfg.seed)
-    calib = [x for x, _ in _batches(calib_x, calib_y, mean=mean, std=std,
+    calib = [x for x, _ in normalized_batches(calib_x, calib_y, mean=mean, std=std,
                                     batch_size=sens.batch_size)]
-    test = _batches(*subset(dm, sens.split, sens.images, cfg.seed), mean=mean, std=std,
+    test = normalized_batches(*subset(dm, sens.split, sens.images, cfg.seed), mean=mean, std=std,
                     batch_size=sens.batch_size)
     ops = find_ops(int8, fused, calib[0][:1])
     output_stats(ops, fused, int8, calib)

@@ -25,13 +25,15 @@ class EagerFlow(Flow):
     name = "eager"
 
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
-        return prepare_ptq(model, qconfig_from_cfg(quant, qat=False))
+        return prepare_ptq(model, qconfig_from_cfg(quant, qat=False),
+                           float_layers=quant.get("float_layers") or ())
 
     def qat_callback(self, quant: DictConfig, fp32_weights: Path | None,
                      example: Tensor) -> L.Callback:
         return QATCallback(qconfig=qconfig_from_cfg(quant, qat=True), fp32_weights=fp32_weights,
                            freeze_observer_epoch=quant.qat.freeze_observer_epoch,
-                           freeze_bn_epoch=quant.qat.freeze_bn_epoch)
+                           freeze_bn_epoch=quant.qat.freeze_bn_epoch,
+                           float_layers=quant.get("float_layers") or ())
 
     def scale_table(self, prepared: nn.Module) -> list[dict]:
         return scale_table(prepared)
