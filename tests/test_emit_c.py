@@ -274,6 +274,25 @@ def test_without_a_compiler_the_sources_are_written_and_the_warning_says_how_to_
         check_c(tmp_path, ref, loader=[], emit="rust")
 
 
+@needs_cc
+@pytest.mark.skipif(shutil.which("size") is None, reason="binutils' size is not installed")
+def test_code_bytes_are_the_text_sections_as_binutils_counts_them(tmp_path):
+    from qlab.integer.emit_c import code_bytes, elf_section_sizes
+
+    _hand_built(tmp_path)
+    cdir = emit_c(tmp_path)
+    subprocess.run([*CC, "-O2", "-c", "-o", "m.o", "qlab_model.c"], cwd=cdir, check=True)
+    listed = subprocess.run(["size", "-A", "m.o"], cwd=cdir, capture_output=True, text=True,
+                            check=True).stdout.split("\n")
+    theirs = {p[0]: int(p[1]) for p in (line.split() for line in listed[2:]) if len(p) == 3}
+    mine = elf_section_sizes(cdir / "m.o")
+    assert {k: mine[k] for k in theirs} == theirs
+    # the weights are .rodata, not code: the code of this small model is a few kB at most
+    assert 0 < code_bytes(cdir, cflags="-std=c99 -O2") < mine[".rodata"] + 20_000
+    with pytest.raises(QlabError, match="not an ELF"):
+        elf_section_sizes(cdir / "qlab_model.c")
+
+
 def test_what_c_cannot_hold_is_refused(tmp_path):
     spec, arrays = _hand_built(tmp_path)
     fc = next(op for op in spec["ops"] if op["name"] == "fc")
@@ -318,6 +337,8 @@ def test_stage_integer_emit_c(tmp_path):
         assert c["built"] is False
     else:
         assert c["built"] and c["images"] == 32 and c["identical_fraction"] == 1.0
+        assert c["flash_bytes"] == c["weight_bytes"] + c["code_bytes"] and c["code_bytes"] > 1000
+        assert c["ram_bytes"] == c["arena_bytes"] and c["ms_per_image"] > 0
     proc = run_cli("quantize.py", "stage=integer", "name=e", "from=ptq", "integer.emit=rust",
                    "integer.limit_images=32", *quick, outputs=tmp_path, check=False)
     assert proc.returncode == 2 and "integer.emit='rust'" in proc.stderr

@@ -35,6 +35,7 @@ import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -784,6 +785,48 @@ def build_c(cdir: Path, *, cflags: str = CFLAGS, cc: list[str] | None = None,
     return Path(cdir) / output
 
 
+def elf_section_sizes(obj: Path) -> dict[str, int]:
+    """Section name -> size in bytes of an ELF object file (32/64-bit, either byte order)."""
+    data = Path(obj).read_bytes()
+    if data[:4] != b"\x7fELF":
+        raise QlabError(f"{obj} is not an ELF object file.")
+    is64, end = data[4] == 2, "<" if data[5] == 1 else ">"
+    if is64:
+        (shoff,) = struct.unpack(end + "Q", data[0x28:0x30])
+        shentsize, shnum, shstrndx = struct.unpack(end + "HHH", data[0x3A:0x40])
+        fields = end + "IIQQQQ"
+    else:
+        (shoff,) = struct.unpack(end + "I", data[0x20:0x24])
+        shentsize, shnum, shstrndx = struct.unpack(end + "HHH", data[0x2E:0x34])
+        fields = end + "IIIIII"
+    width = struct.calcsize(fields)
+    headers = [struct.unpack(fields, data[shoff + i * shentsize:shoff + i * shentsize + width])
+               for i in range(shnum)]
+    names = headers[shstrndx][4]  # the section-name string table's file offset
+
+    def name(i: int) -> str:
+        return data[names + i:data.index(b"\0", names + i)].decode()
+    return {name(h[0]): h[5] for h in headers}
+
+
+def code_bytes(cdir: Path, *, cflags: str = CFLAGS, cc: list[str] | None = None) -> int | None:
+    """The machine code of qlab_model.c (its .text sections, weights excluded), compiled alone
+    with `cflags`; None without a compiler or for a non-ELF toolchain."""
+    cc = cc or find_cc()
+    if cc is None:
+        return None
+    cmd = [*cc, *shlex.split(cflags), "-c", "-o", "qlab_model.o", "qlab_model.c"]
+    if subprocess.run(cmd, cwd=cdir, capture_output=True).returncode != 0:
+        return None
+    try:
+        sizes = elf_section_sizes(Path(cdir) / "qlab_model.o")
+    except QlabError:
+        return None
+    finally:
+        (Path(cdir) / "qlab_model.o").unlink(missing_ok=True)
+    return sum(v for k, v in sizes.items() if k == ".text" or k.startswith(".text."))
+
+
 def run_c(binary: Path, pixels: torch.Tensor | np.ndarray, *, timeout: float = 600) -> np.ndarray:
     """The output codes [N, classes] of a qlab_run build for uint8 pixels [N, C, H, W] (the
     reference's layout; sent to the program as HWC bytes)."""
@@ -841,5 +884,9 @@ def check_c(folder: Path, ref: IntegerModel, loader, *, emit: str = "c",
     if same != 1.0:
         log.warning("integer.emit=c: the C build differs from the reference on %d of %d images.",
                     round((1 - same) * len(pixels)), len(pixels))
+    code = code_bytes(cdir, cc=cc)
     return block | {"built": True, "compiler": " ".join(cc), "cflags": CFLAGS,
-                    "images": len(pixels), "identical_fraction": same, "seconds": seconds}
+                    "images": len(pixels), "identical_fraction": same, "seconds": seconds,
+                    "ms_per_image": 1e3 * seconds / len(pixels), "code_bytes": code,
+                    "flash_bytes": None if code is None else summary["weight_bytes"] + code,
+                    "ram_bytes": summary["arena_bytes"]}

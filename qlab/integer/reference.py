@@ -32,6 +32,21 @@ DTYPES = {"uint8": (torch.uint8, 0, 255), "int8": (torch.int8, -128, 127)}
 GEMM_EXACT_BITS = {"float32": 24, "float64": 53}  # integers below 2^bits are exact
 ZERO_POINT_ORDERS = ("after", "before")
 OPS = ("quantize_input", "conv", "linear", "add", "maxpool", "avgpool", "flatten")
+# the fields each op must have besides op, name, inputs, output (docs/integer.md#ops)
+FIELDS = {
+    "quantize_input": ("lut",),
+    "conv": ("weight", "bias", "kernel", "stride", "padding", "dilation", "groups",
+             "in_zero_point", "out_zero_point", "shift", "clamp"),
+    "linear": ("weight", "bias", "in_zero_point", "out_zero_point", "shift", "clamp"),
+    "add": ("in_zero_points", "align", "shift", "out_zero_point", "clamp"),
+    "maxpool": ("kernel", "stride", "padding"),
+    "avgpool": ("kernel", "stride", "shift", "out_zero_point", "clamp"),
+    "flatten": (),
+}
+ARITY = {"quantize_input": 0, "add": 2}  # inputs per op; every other op reads one tensor
+PAIRS = ("kernel", "stride", "padding", "dilation", "clamp", "in_zero_points", "align")
+REMAKE = ("Re-create model.json and weights.npz together with `python quantize.py stage=integer "
+          "name=NAME from=STAGE`.")
 
 
 def shift_round_(v: Tensor, shift: Tensor | int, rounding: str = "half_even") -> Tensor:
@@ -85,6 +100,44 @@ def _fail(path: Path, what: str) -> QlabError:
                      f"name=NAME from=STAGE`.")
 
 
+def _bad(what: str) -> QlabError:
+    """model.json and weights.npz that do not make a model: what is wrong, then the fix."""
+    return QlabError(f"{what}. {REMAKE}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _field_problem(op: dict, key: str) -> str | None:
+    """What is wrong with op[key] (None when it is fine): names, ints, pairs and shifts."""
+    v = op[key]
+    if key in ("weight", "bias", "lut"):
+        return None if isinstance(v, str) and v else "must name an array of weights.npz"
+    if key in PAIRS:
+        if not (isinstance(v, list) and len(v) == 2 and all(map(_is_int, v))):
+            return "must be a list of two integers"
+        low = 0 if key in ("padding", "in_zero_points", "align") else 1
+        if key != "clamp" and min(v) < low:
+            return f"must be >= {low}"
+        return "must be [low, high] with low <= high" if key == "clamp" and v[0] > v[1] else None
+    if key == "shift" and op["op"] in ("conv", "linear") and isinstance(v, list):
+        return None if v and all(map(_is_int, v)) else "must be an integer or a list of them"
+    if not _is_int(v):
+        return "must be an integer"
+    return "must be >= 1" if key == "groups" and v < 1 else None
+
+
+def _check_maxpool(op: dict) -> None:
+    if tuple(op.get("dilation", (1, 1))) != (1, 1) or op.get("ceil_mode"):
+        raise QlabError(f"op {op['name']!r}: maxpool with dilation or ceil_mode is not "
+                        f"supported by this executor.")
+
+
+def _spatial(size: int, k: int, s: int, p: int, d: int = 1) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -127,12 +180,23 @@ class IntegerModel:
         except FileNotFoundError:
             raise QlabError(f"{spec_path} does not exist; write it with `python quantize.py "
                             f"stage=integer name=NAME from=STAGE`.") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise _fail(spec_path, f"not valid JSON ({exc})") from None
-        if spec.get("format") != FORMAT or spec.get("version") != VERSION:
-            raise _fail(spec_path, f"not a {FORMAT} version {VERSION} file (format="
-                                   f"{spec.get('format')!r}, version={spec.get('version')!r})")
-        weights = folder / spec.get("weights_file", "weights.npz")
+        if not isinstance(spec, dict):
+            raise _fail(spec_path, f"holds a JSON {type(spec).__name__}, not a {FORMAT} object")
+        if spec.get("format") != FORMAT:
+            raise _fail(spec_path, f"not a {FORMAT} file (its format field is "
+                                   f"{spec.get('format')!r}, not {FORMAT!r})")
+        if "version" not in spec:
+            raise _fail(spec_path, f"has no format version (a {FORMAT} file says version "
+                                   f"{VERSION})")
+        if spec["version"] != VERSION:
+            raise _fail(spec_path, f"is format version {spec['version']!r}; this qlab reads "
+                                   f"version {VERSION} only")
+        name = spec.get("weights_file", "weights.npz")
+        if not isinstance(name, str) or not name:
+            raise _fail(spec_path, f"weights_file={name!r} names no file")
+        weights = folder / name
         if not weights.is_file():
             raise _fail(weights, "does not exist")
         digest = file_sha256(weights)
@@ -165,51 +229,155 @@ class IntegerModel:
 
     # ---- checks -------------------------------------------------------------------------------
 
-    def _array(self, op: dict, key: str, dtype: str, shape: tuple | None) -> np.ndarray:
-        name = op.get(key)
+    def _array(self, op: dict, key: str, dtype: str, shape: tuple, dims: str) -> np.ndarray:
+        """The array op[key] names, checked against the dtype and shape model.json implies."""
+        name = op[key]
         if name not in self.arrays:
-            raise QlabError(f"weights.npz has no array {name!r} (op {op['name']!r} needs it): the "
-                            f"file does not belong to this model.json or is damaged. Re-create "
-                            f"both with `python quantize.py stage=integer`.")
+            raise _bad(f"weights.npz has no array {name!r} (the {key} of op {op['name']!r}): the "
+                       f"file does not belong to this model.json or is damaged")
         a = self.arrays[name]
-        if a.dtype != np.dtype(dtype) or (shape is not None and tuple(a.shape) != tuple(shape)):
-            raise QlabError(f"weights.npz array {name!r} is {a.dtype}{list(a.shape)}, model.json "
-                            f"says {dtype}{list(shape) if shape else ''}: the files do not belong "
-                            f"together or are damaged. Re-create them with stage=integer.")
+        if a.dtype != np.dtype(dtype):
+            raise _bad(f"weights.npz array {name!r} (the {key} of op {op['name']!r}) has dtype "
+                       f"{a.dtype}, not {dtype}: the files do not belong together or are damaged")
+        if tuple(a.shape) != tuple(shape):
+            raise _bad(f"weights.npz array {name!r} has shape {list(a.shape)}, but model.json "
+                       f"makes the {key} of op {op['name']!r} {list(shape)} ({dims}): the files "
+                       f"do not belong together or are damaged")
         return a
 
+    def _check_op(self, i: int, op) -> None:
+        """op i of model.json: a known op with every field it needs, of the right kind."""
+        if not isinstance(op, dict):
+            raise _bad(f"model.json op {i} is a {type(op).__name__}, not an object")
+        kind = op.get("op")
+        if kind not in OPS:
+            raise _bad(f"model.json op {i} ({op.get('name')!r}) has op={kind!r}, which is not "
+                       f"an op of the {FORMAT} format (it has {', '.join(OPS)}): the file was "
+                       f"edited or written by another program")
+        absent = [k for k in ("name", "inputs", "output", *FIELDS[kind]) if k not in op]
+        if absent:
+            raise _bad(f"model.json op {i} ({op.get('name')!r}, {kind}) has no "
+                       f"{', '.join(absent)} field")
+        if not isinstance(op["name"], str) or not isinstance(op["output"], str):
+            raise _bad(f"model.json op {i}: name and output must be strings")
+        n = ARITY.get(kind, 1)
+        if not (isinstance(op["inputs"], list) and len(op["inputs"]) == n
+                and all(isinstance(t, str) for t in op["inputs"])):
+            raise _bad(f"model.json op {op['name']!r} ({kind}) must read {n} tensor(s) by name; "
+                       f"its inputs are {op['inputs']!r}")
+        if (kind == "quantize_input") != (i == 0):
+            raise _bad(f"model.json op {i} ({op['name']!r}) is a {kind}: the first op, and only "
+                       f"the first, must be quantize_input")
+        for key in (*FIELDS[kind], *(["dilation"] if "dilation" in op else [])):
+            problem = _field_problem(op, key)
+            if problem:
+                raise _bad(f"model.json op {op['name']!r} ({kind}): {key}={op[key]!r} {problem}")
+        if kind == "maxpool":
+            _check_maxpool(op)
+
+    def _tensor(self, name: str, op: dict) -> dict:
+        """The `tensors` entry op writes: a uint8/int8 dtype, a shape, an exponent, a zero point."""
+        t = self.spec["tensors"].get(name)
+        if not isinstance(t, dict):
+            raise _bad(f"model.json: tensor {name!r} (the output of op {op['name']!r}) is "
+                       f"missing from `tensors`")
+        shape = t.get("shape")
+        if (str(t.get("dtype")) not in DTYPES or not isinstance(shape, list)
+                or len(shape) not in (1, 3) or not all(_is_int(d) and d > 0 for d in shape)
+                or not _is_int(t.get("exp")) or not _is_int(t.get("zero_point"))):
+            raise _bad(f"model.json: tensor {name!r} needs a dtype (uint8 or int8), a shape "
+                       f"([C, H, W] or [features]), an integer exp and zero_point; it has {t}")
+        if "clamp" in op:
+            (lo, hi), (_, dlo, dhi) = op["clamp"], DTYPES[t["dtype"]]
+            if lo < dlo or hi > dhi:
+                raise _bad(f"model.json op {op['name']!r}: clamp {op['clamp']} is outside the "
+                           f"{t['dtype']} range of its output {name!r}")
+        return t
+
+    def _out_shape(self, op: dict, srcs: list[dict], out: dict) -> list[int] | None:
+        """The output shape op computes from its inputs (None where nothing fixes it)."""
+        kind, shapes = op["op"], [s["shape"] for s in srcs]
+        if kind == "quantize_input":
+            if len(out["shape"]) != 3:
+                raise _bad(f"model.json: the input tensor {op['output']!r} is {out['shape']}, "
+                           f"not [C, H, W]")
+            given = self.spec.get("input", {})
+            return list(given["shape"]) if isinstance(given, dict) and "shape" in given else None
+        ranks = {"linear": 1, "add": len(shapes[0]), "flatten": 3}
+        if any(len(s) != ranks.get(kind, 3) for s in shapes):
+            raise _bad(f"model.json op {op['name']!r} ({kind}) reads a {shapes} tensor; it takes "
+                       f"{'[features]' if kind == 'linear' else '[C, H, W]'}")
+        if kind == "linear":
+            return [out["shape"][0]]
+        if kind == "add":
+            if shapes[0] != shapes[1]:
+                raise _bad(f"model.json op {op['name']!r} adds tensors of shapes {shapes[0]} and "
+                           f"{shapes[1]}")
+            return shapes[0]
+        if kind == "flatten":
+            return [int(np.prod(shapes[0]))]
+        (c, h, w), (kh, kw), (sh, sw) = shapes[0], op["kernel"], op["stride"]
+        (ph, pw), (dh, dw) = op.get("padding", [0, 0]), op.get("dilation", [1, 1])
+        if kind == "conv":
+            groups = op["groups"]
+            if c % groups or len(out["shape"]) != 3 or out["shape"][0] % groups:
+                raise _bad(f"model.json op {op['name']!r}: groups={groups} does not divide its "
+                           f"{c} input and {out['shape'][0]} output channels")
+            c = out["shape"][0]
+        shape = [c, _spatial(h, kh, sh, ph, dh), _spatial(w, kw, sw, pw, dw)]
+        if min(shape) < 1:
+            raise _bad(f"model.json op {op['name']!r}: a {kh}x{kw} window does not fit its "
+                       f"{h}x{w} input")
+        return shape
+
     def _check(self) -> None:
-        tensors = self.spec.get("tensors", {})
-        known = set()
-        for op in self.spec.get("ops", []):
-            kind = op.get("op")
-            if kind not in OPS:
-                raise QlabError(f"model.json op {op.get('name')!r} has op={kind!r}; this executor "
-                                f"runs {', '.join(OPS)}.")
-            missing = [t for t in op["inputs"] if t not in known]
-            if missing:
-                raise QlabError(f"model.json op {op['name']!r} reads {missing}, which no earlier "
-                                f"op writes.")
-            out = tensors.get(op["output"])
-            if out is None or out.get("dtype") not in DTYPES:
-                raise QlabError(f"model.json: tensor {op['output']!r} is missing from `tensors` "
-                                f"or has no uint8/int8 dtype.")
+        """Every op known and complete, fed by earlier ops, its output of the shape it computes;
+        every array it names of the dtype and shape model.json implies."""
+        tensors, ops = self.spec.get("tensors"), self.spec.get("ops")
+        if not isinstance(tensors, dict) or not isinstance(ops, list) or not ops:
+            raise _bad("model.json has no `tensors` object or no `ops` list")
+        written: dict[str, str] = {}  # tensor -> the op that writes it
+        for i, op in enumerate(ops):
+            self._check_op(i, op)
+            kind, name = op["op"], op["name"]
+            dangling = [t for t in op["inputs"] if t not in written]
+            if dangling:
+                raise _bad(f"model.json op {name!r} ({kind}) reads {', '.join(map(repr, dangling))}"
+                           f", which no earlier op writes: every input must be the output of an "
+                           f"op above it")
+            if op["output"] in written:
+                raise _bad(f"model.json op {name!r} writes tensor {op['output']!r}, which op "
+                           f"{written[op['output']]!r} already wrote")
+            out = self._tensor(op["output"], op)
+            srcs = [tensors[t] for t in op["inputs"]]
+            want = self._out_shape(op, srcs, out)
+            if want is not None and out["shape"] != want:
+                raise _bad(f"model.json op {name!r} ({kind}) makes a {want} tensor from "
+                           f"{[s['shape'] for s in srcs]}, but `tensors` says {op['output']!r} "
+                           f"is {out['shape']}")
             if kind == "quantize_input":
-                self._array(op, "lut", "uint8", (out["shape"][0], 256))
-            if kind in ("conv", "linear"):
-                self._plans[op["name"]] = self._plan(op, tensors[op["inputs"][0]], out)
-            known.add(op["output"])
-        if self.spec.get("output", {}).get("tensor") not in known:
-            raise QlabError("model.json: `output.tensor` is not written by any op.")
+                self._array(op, "lut", "uint8", (out["shape"][0], 256), "[channels, 256]")
+            elif kind in ("conv", "linear"):
+                self._plans[name] = self._plan(op, srcs[0], out)
+            elif kind == "avgpool":
+                check_avgpool_shift(op)
+            written[op["output"]] = name
+        output = self.spec.get("output")
+        if not isinstance(output, dict) or not isinstance(output.get("tensor"), str) \
+                or output["tensor"] not in written:
+            raise _bad("model.json: `output.tensor` names no tensor an op writes")
+        if not _is_int(output.get("exp")) or not _is_int(output.get("zero_point")):
+            raise _bad("model.json: `output` needs an integer exp and zero_point")
 
     def _plan(self, op: dict, src: dict, out: dict) -> _Gemm:
         """Weights as float chunks whose every partial sum is provably exact (see module doc)."""
-        cout = out["shape"][0]
-        w = self._array(op, "weight", "int8", None)
-        if w.shape[0] != cout:
-            raise QlabError(f"weights.npz {op['weight']!r} has {w.shape[0]} output channels, "
-                            f"model.json says {cout}.")
-        bias = self._array(op, "bias", "int32", (cout,))
+        cout, cin = out["shape"][0], src["shape"][0]
+        if op["op"] == "conv":
+            w = self._array(op, "weight", "int8", (cout, cin // op["groups"], *op["kernel"]),
+                            "[out channels, in channels / groups, kernel h, kernel w]")
+        else:
+            w = self._array(op, "weight", "int8", (cout, cin), "[out features, in features]")
+        bias = self._array(op, "bias", "int32", (cout,), "[out channels]")
         shift = np.asarray(op["shift"], dtype=np.int64).reshape(-1)
         if shift.size not in (1, cout):
             raise QlabError(f"model.json op {op['name']!r}: {shift.size} shifts for {cout} "
@@ -305,9 +473,7 @@ class IntegerModel:
 
     def _maxpool(self, op: dict, x: Tensor) -> Tensor:
         (kh, kw), (sh, sw), (ph, pw) = op["kernel"], op["stride"], op["padding"]
-        if tuple(op.get("dilation", (1, 1))) != (1, 1) or op.get("ceil_mode"):
-            raise QlabError(f"op {op['name']!r}: maxpool with dilation or ceil_mode is not "
-                            f"supported by this executor.")
+        _check_maxpool(op)
         lo = DTYPES[self.spec["tensors"][op["output"]]["dtype"]][1]
         xp = F.pad(x.to(torch.int16), (pw, pw, ph, ph), value=lo)  # padding never wins the max
         return xp.unfold(2, kh, sh).unfold(3, kw, sw).amax(dim=(-2, -1)).to(x.dtype)

@@ -41,19 +41,47 @@ def zero_point_order(engine: str) -> dict[str, str]:
         return orders
 
 
-def stage_metrics(stage_dir: Path) -> dict:
-    """metrics.json of an INT8 stage folder, or a clear error."""
+METRICS_KEYS = ("int8", "model", "classes", "mean", "std", "quant")  # what stage=integer reads
+
+
+def rerun_hint(stage_dir: Path) -> str:
+    """How to write an INT8 stage folder (outputs/NAME/ptq-TAG, qat-TAG, ...) again."""
+    run, source = stage_dir.parent.name, stage_dir.name
+    for stage, command in (("ptq", "python quantize.py stage=ptq"),
+                           ("qat", "python train.py stage=qat")):
+        if source.startswith(stage):
+            tag = source[len(stage):]
+            extra = (f" tag={tag}" if tag else "") + (" overwrite=true" if stage == "qat" else "")
+            return (f"Re-run that stage to write it again: `{command} name={run}{extra}` "
+                    f"with the options it was made with.")
+    return "Re-run the stage that made this folder to write it again."
+
+
+def stage_metrics(stage_dir: Path, reader: str = "the integer export") -> dict:
+    """metrics.json of an eager INT8 stage folder, or a clear error (`reader`: who needs it)."""
     path = stage_dir / "metrics.json"
     if not path.is_file():
         raise QlabError(f"{path} does not exist: from= must name an INT8 stage folder of this run "
                         f"(ptq, qat, ptq-ceil, ...) that has finished.")
-    metrics = json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QlabError(f"{path} is not valid JSON ({exc}): the file is truncated or corrupt "
+                        f"(a run stopped while writing it?). {rerun_hint(stage_dir)}") from None
+    if not isinstance(metrics, dict):
+        raise QlabError(f"{path} holds a JSON {type(metrics).__name__}, not a stage's metrics "
+                        f"object: the file is damaged. {rerun_hint(stage_dir)}")
     if "int8" not in metrics or not (stage_dir / "model_int8_state_dict.pt").is_file():
         raise QlabError(f"{stage_dir} is not an INT8 stage (no int8 record or "
                         f"model_int8_state_dict.pt); use from=ptq, from=qat or a tagged variant.")
+    missing = [k for k in METRICS_KEYS if k not in metrics]
+    if missing or not isinstance(metrics["int8"], dict) or not isinstance(metrics["quant"], dict):
+        raise QlabError(f"{path} lacks {', '.join(missing) or 'a valid int8 or quant record'}, "
+                        f"which every INT8 stage writes: the file is damaged or from an older "
+                        f"qlab. {rerun_hint(stage_dir)}")
     if metrics["int8"].get("flow", "eager") != "eager":
-        raise QlabError(f"{stage_dir} was made by quant.flow={metrics['int8']['flow']}; the integer "
-                        f"export reads eager INT8 models: quantize with quant.flow=eager.")
+        raise QlabError(f"{stage_dir} was made by quant.flow={metrics['int8']['flow']}; {reader} "
+                        f"reads eager INT8 models: quantize with quant.flow=eager.")
     return metrics
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -31,18 +32,50 @@ def _is_launcher_child() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
+def _unreadable_checkpoint(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (None when it reads as a Lightning checkpoint). Its
+    tensors are memory-mapped, not read, so this costs little even for a large checkpoint."""
+    if not zipfile.is_zipfile(path):
+        return "not a PyTorch checkpoint archive"
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # a damaged archive or pickle fails in many ways; all mean the same
+        text = str(exc).strip()
+        return f"{type(exc).__name__}: {text.splitlines()[0].split('. ')[0] if text else '?'}"
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        return "no Lightning state_dict in it"
+    return None
+
+
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
-    """The checkpoint to continue from, or None for a fresh run; refuses to clobber an old run."""
+    """The checkpoint to continue from, or None for a fresh run; refuses to clobber an old run
+    and to resume from a checkpoint that cannot be read."""
     last = out / "checkpoints" / "last.ckpt"
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise QlabError(f"ckpt_path={cfg.ckpt_path} does not exist.")
+        why = _unreadable_checkpoint(Path(cfg.ckpt_path))
+        if why:
+            raise QlabError(f"ckpt_path={cfg.ckpt_path} is unreadable ({why}): the file is "
+                            f"truncated or corrupt. Pass another checkpoint, or drop ckpt_path "
+                            f"to start without one.")
         return str(cfg.ckpt_path)
     if cfg.resume:
         if not last.is_file():
             raise QlabError(
                 f"resume=true but {last} does not exist: nothing to continue. Drop resume=true to "
                 f"start a new run, or pass ckpt_path=PATH."
+            )
+        why = _unreadable_checkpoint(last)
+        if why:
+            others = sorted(p for p in last.parent.glob("*.ckpt") if p.name != last.name)
+            other = (f"Continue from an earlier checkpoint with ckpt_path={others[-1]} (instead "
+                     f"of resume=true), or start over" if others else "Start over")
+            raise QlabError(
+                f"resume=true but {last} is unreadable ({why}): the checkpoint is truncated or "
+                f"corrupt (a run killed while saving it?), so the run cannot continue. {other}: "
+                f"drop resume=true and pass overwrite=true (this deletes the checkpoints and logs "
+                f"in {out})."
             )
         return str(last)
     earlier = [p for p in (out / "metrics.json", last) if p.exists()]

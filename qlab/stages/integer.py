@@ -20,6 +20,7 @@ from qlab.integer.export import to_integer, write_integer
 from qlab.integer.reference import IntegerModel
 from qlab.integer.verify import (
     layer_table,
+    rerun_hint,
     stage_metrics,
     verify,
     zero_point_order,
@@ -42,9 +43,40 @@ def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
     with warnings.catch_warnings():  # observers that never ran: their qparams are overwritten
         warnings.simplefilter("ignore")
         int8 = convert(prepare(model), inplace=False)
-    state = torch.load(stage_dir / "model_int8_state_dict.pt", map_location="cpu", weights_only=False)
-    int8.load_state_dict(state)
+    path = stage_dir / "model_int8_state_dict.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling a damaged file fails in many ways; all mean the same
+        raise QlabError(f"{path} is not a readable PyTorch file ({_first_line(exc)}): it is "
+                        f"truncated or corrupt. {rerun_hint(stage_dir)}") from None
+    if not isinstance(state, dict):
+        raise QlabError(f"{path} holds a {type(state).__name__}, not a state_dict: the file is "
+                        f"damaged. {rerun_hint(stage_dir)}")
+    try:
+        int8.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise QlabError(f"{path} does not fit the INT8 model that metrics.json describes "
+                        f"({_first_line(exc)}): the two files are from different runs or "
+                        f"damaged. {rerun_hint(stage_dir)}") from None
     return int8.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0].split('. ')[0] if text else 'no message'}"
+
+
+def load_scripted(stage_dir: Path) -> torch.jit.ScriptModule:
+    """The stage's exported model_int8.pt (TorchScript), or a clear error."""
+    path = stage_dir / "model_int8.pt"
+    if not path.is_file():
+        raise QlabError(f"{path} does not exist: the stage did not finish its export. "
+                        f"{rerun_hint(stage_dir)}")
+    try:
+        return artifacts.load_torchscript(path)[0]
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise QlabError(f"{path} is not a readable TorchScript file ({_first_line(exc)}): it is "
+                        f"truncated or corrupt. {rerun_hint(stage_dir)}") from None
 
 
 def run_integer(cfg: DictConfig) -> dict:
@@ -67,6 +99,7 @@ def run_integer(cfg: DictConfig) -> dict:
                         f"{metrics['classes']}: pass the same data= options as that run.")
     dm.setup()
     int8 = rebuild_int8(stage_dir, metrics)
+    scripted = load_scripted(stage_dir)  # read before the long work: a damaged file stops here
     spec, arrays = to_integer(int8, mean=metrics["mean"], std=metrics["std"],
                               image_size=dm.image_size, max_shift=metrics["quant"]["max_shift"])
     off_grid = [op["name"] for op in spec["ops"] if op.get("bias_on_grid") is False]
@@ -90,7 +123,6 @@ def run_integer(cfg: DictConfig) -> dict:
         c_block = check_c(out, ref, dm.test_dataloader(batch_size=cfg.integer.batch_size),
                           emit=cfg.integer.emit, limit=cfg.integer.limit_images or 200)
     # ---- end integer.emit ----
-    scripted, _ = artifacts.load_torchscript(stage_dir / "model_int8.pt")
     loader = dm.test_dataloader(batch_size=cfg.integer.batch_size)
     result = verify(ref, scripted, int8, loader, mean=metrics["mean"], std=metrics["std"],
                     limit=cfg.integer.limit_images)

@@ -148,7 +148,7 @@ def run_sensitivity(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     source = str(cfg["from"])
     stage_dir = Path(cfg.outputs_dir) / cfg.name / source
-    metrics = stage_metrics(stage_dir)
+    metrics = stage_metrics(stage_dir, reader="stage=sensitivity (for now)")
     sens = cfg.sensitivity
     if sens.split not in ("test", "val"):
         raise QlabError(f"sensitivity.split={sens.split}: use test or val.")
