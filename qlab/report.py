@@ -302,6 +302,38 @@ def tta_notes(found: dict[str, dict]) -> list[str]:
     return notes
 
 
+def integer_notes(run: Path, found: dict[str, dict]) -> tuple[list[str], dict]:
+    """The integer model of each INT8 stage that stage=integer exported: agreement with torch,
+    and its C build's flash, RAM and time where integer.emit=c built it."""
+    notes, table = [], {}
+    for stage in found:
+        path = run / stage / "integer" / "verify.json"
+        if not path.is_file():
+            continue
+        v = json.loads(path.read_text())
+        n = v["images"]
+        entry = {"images": n, "identical_logits_fraction": v["identical_logits_fraction"],
+                 "accuracy": v["accuracy"], "reference_ms": 1e3 * v["seconds"] / max(n, 1),
+                 "torch_ms": 1e3 * v["torch_seconds"] / max(n, 1)}
+        line = (f"- {stage}: identical logits on {round(v['identical_logits_fraction'] * n)} of "
+                f"{n} test images ({v['accuracy']:.2f} %); per image, batched: reference "
+                f"{entry['reference_ms']:.2f} ms, torch INT8 {entry['torch_ms']:.2f} ms")
+        c = v.get("c")
+        if c and c.get("built"):
+            entry["c"] = {k: c.get(k) for k in ("flash_bytes", "code_bytes", "weight_bytes",
+                                                "ram_bytes", "ms_per_image",
+                                                "identical_fraction", "images", "compiler")}
+            flash = (f"flash {c['flash_bytes']:,} B ({c['weight_bytes']:,} weights + "
+                     f"{c['code_bytes']:,} code)" if c.get("flash_bytes") else
+                     f"weights {c['weight_bytes']:,} B")
+            line += (f"; C ({c['compiler']} {c['cflags']}): {flash}, RAM {c['arena_bytes']:,} B, "
+                     f"{c['ms_per_image']:.2f} ms per image, identical on "
+                     f"{c['identical_fraction']:.4f} of {c['images']}")
+        table[stage] = entry
+        notes.append(line + ".")
+    return notes, table
+
+
 def run_report(cfg: DictConfig) -> dict:
     """Read outputs/<name>/{fp32,ptq,qat}/metrics.json; write report.md, report.json, report.png."""
     run = Path(cfg.outputs_dir) / cfg.name
@@ -322,6 +354,7 @@ def run_report(cfg: DictConfig) -> dict:
     table = markdown_table(rows)
     by_runtime = runtime_rows(found, latency)
     sens_notes, worst = sensitivity_notes(run, found)
+    int_notes, integer = integer_notes(run, found)
     missing = [s for s in STAGES if s not in found]
     if "fp32" not in found:
         log.warning("No FP32 run under %s: compression, accuracy drop and speedup are n/a.", run)
@@ -346,6 +379,9 @@ def run_report(cfg: DictConfig) -> dict:
         "it through that runtime on the test split (n/a: not measured there; an FP32 model "
         "tested under bf16 autocast has its own accuracy only in the table above).", "",
         runtimes_table(by_runtime), "",
+        *(("## The integer model", "",
+           "Exported by stage=integer, checked against torch's INT8 model (its verify.json):",
+           "", *int_notes, "") if int_notes else ()),
         *(("## Which ops cost the accuracy", "",
            "The worst ops of each INT8 stage (stage=sensitivity, its sensitivity.md has all):",
            "", *sens_notes, "") if sens_notes else ()),
@@ -355,7 +391,7 @@ def run_report(cfg: DictConfig) -> dict:
     report = {"name": cfg.name, "rows": rows, "runtimes": by_runtime, "missing": missing,
               "selected_on": {s: m.get("selected_on") for s, m in found.items()},
               "tta": {s: m.get("tta", "none") for s, m in found.items()},
-              "sensitivity": worst,
+              "sensitivity": worst, "integer": integer,
               "latency": latency,
               "threads": cfg.bench.threads or torch.get_num_threads(), "hardware": hw,
               "made_on": {s: m.get("hardware") for s, m in found.items()}}

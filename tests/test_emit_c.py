@@ -339,6 +339,15 @@ def test_stage_integer_emit_c(tmp_path):
         assert c["built"] and c["images"] == 32 and c["identical_fraction"] == 1.0
         assert c["flash_bytes"] == c["weight_bytes"] + c["code_bytes"] and c["code_bytes"] > 1000
         assert c["ram_bytes"] == c["arena_bytes"] and c["ms_per_image"] > 0
+    # stage=report states the integer model and its C build
+    run_cli("quantize.py", "stage=report", "name=e", "bench.inductor=false", *quick,
+            outputs=tmp_path)
+    report = read_metrics(tmp_path / "e" / "report.json")["integer"]["ptq"]
+    assert report["images"] == 32 and report["identical_logits_fraction"] == 1.0
+    text = (tmp_path / "e" / "report.md").read_text()
+    assert "## The integer model" in text and "- ptq: identical logits on 32 of 32" in text
+    if CC is not None:
+        assert report["c"]["flash_bytes"] == c["flash_bytes"] and "flash" in text
     proc = run_cli("quantize.py", "stage=integer", "name=e", "from=ptq", "integer.emit=rust",
                    "integer.limit_images=32", *quick, outputs=tmp_path, check=False)
     assert proc.returncode == 2 and "integer.emit='rust'" in proc.stderr
