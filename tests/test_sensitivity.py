@@ -4,6 +4,7 @@ that the accuracy sweeps run on, and the stage through quantize.py."""
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,64 @@ def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
     proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=pt2e",
                    "quant.float_layers=[fc]", *R20, outputs=tmp_path, check=False)
     assert proc.returncode == 2 and "quant.flow=eager" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def resnet20_pt2e():
+    from omegaconf import OmegaConf
+
+    from qlab.quant.flows.pt2e import Pt2eFlow
+
+    set_backend("x86")
+    torch.manual_seed(0)
+    quant = OmegaConf.load(Path(__file__).parents[1] / "conf" / "quant" / "po2.yaml")
+    quant.backend, quant.per_channel = "x86", True
+    model = randomize_batchnorm(build_resnet20()).eval()
+    flow, example = Pt2eFlow(), torch.zeros(1, 3, 32, 32)
+    prepared = flow.prepare_ptq(model, quant, example)
+    calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+    return prepared, flow.convert(prepared, example)
+
+
+def test_pt2e_graph_simulation_is_the_converted_graph_or_the_float_one(resnet20_pt2e):
+    from qlab.quant.sensitivity import GraphSimulation
+
+    prepared, int8 = resnet20_pt2e
+    sim = GraphSimulation(int8, prepared)
+    kinds = [op.kind for op in sim.ops]
+    # one op per quantize node (the input, 21 convs with their ReLU looked through, the adds
+    # whose output PT2E quantizes, the pooled features) and the head, which has int8 weights only
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    q_nodes = [n for n in int8.graph.nodes if n.target == quantize]
+    assert sum(op.scale > 0 for op in sim.ops) == len(q_nodes) == len(sim.ops) - 1
+    assert kinds.count("conv") == 21 and kinds.count("add") >= 8 and kinds.count("pool") == 1
+    assert kinds.count("input") == 1 and kinds[-1] == "linear" and sim.ops[-1].scale == 0
+    names = [op.name for op in sim.ops]
+    assert names[:3] == ["input", "conv1", "layers.0.conv1"] and "layers.3.downsample.0" in names
+    x = _normalized(16, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(sim.set_quantized(names)(x), int8(x), rtol=0, atol=0)
+        torch.testing.assert_close(sim.set_quantized(())(x), prepared(x))  # observers: identity
+    sim.output_stats([x])
+    head = sim.ops[-1]
+    assert head.kind == "linear" and head.stats["clipped_fraction"] is None
+    assert head.stats["weight_sqnr_db"] > 15 and math.isfinite(head.stats["output_sqnr_db"])
+    assert all(op.stats["output_sqnr_db"] > 0 for op in sim.ops)
+    with torch.no_grad():  # output_stats leaves the switches as it found them (all off)
+        torch.testing.assert_close(sim(x), prepared(x))
+
+
+@pytest.mark.slow
+def test_sensitivity_of_a_pt2e_stage(tmp_path):
+    run_cli("train.py", "stage=fp32", "name=p", *R20, outputs=tmp_path)
+    run_cli("quantize.py", "stage=ptq", "name=p", "quant.flow=pt2e", "tag=-pt2e", *R20,
+            outputs=tmp_path)
+    run_cli("quantize.py", "stage=sensitivity", "name=p", "from=ptq-pt2e", *R20, *SENS,
+            outputs=tmp_path)
+    result = json.loads(
+        (tmp_path / "p" / "ptq-pt2e" / "sensitivity" / "sensitivity.json").read_text())
+    assert result["flow"] == "pt2e" and result["pt2e_reproduced"] is True
+    assert len(result["ops"]) > 30 and result["accuracy"]["agreement"] == 1.0
+    assert result["accuracy"]["quantized"] == result["accuracy"]["converted"]
+    for op in result["ops"]:
+        assert op["accuracy_only_this_quantized"] is not None and op["output_sqnr_db"] is not None

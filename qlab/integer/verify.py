@@ -57,8 +57,10 @@ def rerun_hint(stage_dir: Path) -> str:
     return "Re-run the stage that made this folder to write it again."
 
 
-def stage_metrics(stage_dir: Path, reader: str = "the integer export") -> dict:
-    """metrics.json of an eager INT8 stage folder, or a clear error (`reader`: who needs it)."""
+def stage_metrics(stage_dir: Path, reader: str = "the integer export",
+                  flows: tuple[str, ...] = ("eager",)) -> dict:
+    """metrics.json of an INT8 stage folder made by one of `flows`, or a clear error (`reader`:
+    who needs it)."""
     path = stage_dir / "metrics.json"
     if not path.is_file():
         raise QlabError(f"{path} does not exist: from= must name an INT8 stage folder of this run "
@@ -79,9 +81,10 @@ def stage_metrics(stage_dir: Path, reader: str = "the integer export") -> dict:
         raise QlabError(f"{path} lacks {', '.join(missing) or 'a valid int8 or quant record'}, "
                         f"which every INT8 stage writes: the file is damaged or from an older "
                         f"qlab. {rerun_hint(stage_dir)}")
-    if metrics["int8"].get("flow", "eager") != "eager":
+    if metrics["int8"].get("flow", "eager") not in flows:
         raise QlabError(f"{stage_dir} was made by quant.flow={metrics['int8']['flow']}; {reader} "
-                        f"reads eager INT8 models: quantize with quant.flow=eager.")
+                        f"reads INT8 models of quant.flow={' or '.join(flows)}: quantize with one "
+                        f"of those.")
     return metrics
 
 

@@ -234,14 +234,18 @@ def output_stats(ops: Sequence[QuantOp], fused: nn.Module, int8: nn.Module,
         op.stats["output_sqnr_db"] = sqnr_db(signal, noise)
         op.stats["clipped_fraction"] = clipped / max(count, 1)
         op.stats["output_scale_exponent"] = round(math.log2(op.scale)) if op.scale > 0 else None
-        if op.weight is not None:
-            w, wq = op.float_weight.double(), op.weight.double()
-            op.stats["weight_sqnr_db"] = sqnr_db(float(w.pow(2).sum()), float((w - wq).pow(2).sum()))
-            exps = op.weight_scales.log2().round()
-            op.stats["weight_exponents"] = [int(exps.min()), int(exps.max())]
-        else:
-            op.stats["weight_sqnr_db"] = None
-            op.stats["weight_exponents"] = None
+        _weight_stats(op)
+
+
+def _weight_stats(op: QuantOp) -> None:
+    """Weight SQNR and the range of weight-scale exponents (None for ops without weights)."""
+    if op.weight is None:
+        op.stats["weight_sqnr_db"] = op.stats["weight_exponents"] = None
+        return
+    w, wq = op.float_weight.double(), op.weight.double()
+    op.stats["weight_sqnr_db"] = sqnr_db(float(w.pow(2).sum()), float((w - wq).pow(2).sum()))
+    exps = op.weight_scales.log2().round()
+    op.stats["weight_exponents"] = [int(exps.min()), int(exps.max())]
 
 
 @torch.inference_mode()
@@ -268,3 +272,239 @@ def sweeps(sim: Simulation, batches: Sequence[tuple[Tensor, Tensor]],
             progress(f"{i + 1}/{len(names)} {op.name}")
     sim.set_quantized(names)
     return result
+
+
+# ---- the PT2E flow: the convert_pt2e graph itself, with a switch on every q/dq pair ----------
+
+_QD = torch.ops.quantized_decomposed
+_PASS_THROUGH = ("relu", "relu_", "flatten", "view", "reshape", "hardtanh", "hardtanh_",
+                 "clamp", "contiguous", "dropout")
+_KIND_OF = {"conv2d": "conv", "linear": "linear", "add": "add", "add_": "add", "cat": "cat",
+            "max_pool2d": "pool", "avg_pool2d": "pool", "adaptive_avg_pool2d": "pool",
+            "mean": "pool"}
+
+
+def _aten_name(node: torch.fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def _producer(node: torch.fx.Node) -> torch.fx.Node:
+    """The op a quantized tensor comes from, looking through ReLU and reshapes."""
+    while ((node.op == "call_function" and _aten_name(node) in _PASS_THROUGH)
+           or (node.op == "call_module" and str(node.target).startswith("_qlab_tap_"))):
+        node = node.args[0]
+    return node
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _value(gm: torch.fx.GraphModule, arg):
+    """A graph argument's value: the tensor behind a get_attr node, else the constant itself."""
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        return _attr(gm, arg.target)
+    return arg
+
+
+def _attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _ActSwitch(nn.Module):
+    """dequantize(quantize(x)) when on (fake-quantize: the same float), x when off."""
+
+    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
+        self.on = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.on:
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin,
+                                                     self.qmax)
+
+
+class _ParamSwitch(nn.Module):
+    """The converted model's (dequantized) parameter when on, the float model's when off."""
+
+    def __init__(self, quantized: Tensor, float_: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("quantized", quantized.detach().clone())
+        self.register_buffer("float_", float_.detach().clone())
+        self.on = True
+
+    def forward(self) -> Tensor:
+        return self.quantized if self.on else self.float_
+
+
+class _Tap(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class GraphSimulation:
+    """The PT2E flow's sensitivity model: the convert_pt2e graph with each q/dq pair replaced by
+    a switchable fake-quantize (identical when on: dequantize(quantize(x)) is that float) and
+    each dequantized weight and snapped bias by a switch to the prepared model's float one (BN
+    folded the same way). All on is the converted model; all off is the FP32 model fused as
+    PT2E fuses it. Ops are named by the module that produces them."""
+
+    def __init__(self, converted: torch.fx.GraphModule, prepared: torch.fx.GraphModule) -> None:
+        self.model = copy.deepcopy(converted)
+        gm, graph = self.model, self.model.graph
+        prepared_nodes = {n.name: n for n in prepared.graph.nodes}
+        ops: dict[str, QuantOp] = {}
+        self._switches: dict[str, list[nn.Module]] = {}
+        self._out: dict[str, nn.Module] = {}
+        names: dict[torch.fx.Node, str] = {}
+
+        def op_for(producer: torch.fx.Node) -> QuantOp:
+            if producer in names:
+                return ops[names[producer]]
+            kind = ("input" if producer.op == "placeholder"
+                    else _KIND_OF.get(_aten_name(producer), "other"))
+            base = "input" if kind == "input" else (_module_path(producer) or producer.name)
+            name = base if kind in ("conv", "linear", "input") else f"{base}:{kind}"
+            while name in ops:
+                name += "'"
+            names[producer] = name
+            ops[name] = QuantOp(name=name, kind=kind, scale=0.0, zero_point=0, qmin=0, qmax=0)
+            self._switches[name] = []
+            return ops[name]
+
+        counter = 0
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target == _QD.quantize_per_tensor.default:
+                x, scale, zp, qmin, qmax = node.args[:5]
+                op = op_for(_producer(x))
+                op.scale, op.zero_point = float(_value(gm, scale)), int(_value(gm, zp))
+                op.qmin, op.qmax = int(qmin), int(qmax)
+                switch = _ActSwitch(op.scale, op.zero_point, op.qmin, op.qmax)
+                counter += 1
+                gm.add_submodule(f"_qlab_act_{counter}", switch)
+                with graph.inserting_after(node):
+                    new = graph.call_module(f"_qlab_act_{counter}", (x,))
+                for dq in list(node.users):
+                    dq.replace_all_uses_with(new)
+                    graph.erase_node(dq)
+                graph.erase_node(node)
+                self._switches[op.name].append(switch)
+                self._out[op.name] = switch
+            elif node.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+                dq = node.args[1]
+                if not (isinstance(dq, torch.fx.Node) and "dequantize" in str(dq.target)):
+                    continue
+                op = op_for(node)
+                before = prepared_nodes.get(node.name)
+                if before is None:
+                    raise QlabError(f"{node.name}: not in the prepared graph; the converted "
+                                    f"model does not come from it.")
+                w_float = _float_param(prepared, before.args[1])
+                w_q = dq.target(*[_value(gm, a) for a in dq.args])
+                op.weight, op.float_weight = w_q.detach(), w_float.detach()
+                scales = _value(gm, dq.args[1])
+                op.weight_scales = torch.as_tensor(scales, dtype=torch.float64).flatten()
+                for slot, q_val, f_val in ((1, w_q, w_float),
+                                           (2, *_bias_pair(gm, prepared, node, before))):
+                    if q_val is None:
+                        continue
+                    counter += 1
+                    switch = _ParamSwitch(q_val, f_val)
+                    gm.add_submodule(f"_qlab_param_{counter}", switch)
+                    with graph.inserting_before(node):
+                        new = graph.call_module(f"_qlab_param_{counter}", ())
+                    old = node.args[slot]
+                    node.update_arg(slot, new)
+                    if isinstance(old, torch.fx.Node) and not old.users:
+                        graph.erase_node(old)
+                    self._switches[op.name].append(switch)
+                if op.name not in self._out:  # a weight-only op (an unquantized output)
+                    counter += 1
+                    tap = _Tap()
+                    gm.add_submodule(f"_qlab_tap_{counter}", tap)
+                    with graph.inserting_after(node):
+                        new = graph.call_module(f"_qlab_tap_{counter}", (node,))
+                    node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+                    self._out[op.name] = tap
+        graph.eliminate_dead_code()
+        gm.recompile()
+        self.ops = list(ops.values())
+        self.quantized = {op.name for op in self.ops}
+
+    def set_quantized(self, names: Iterable[str]) -> GraphSimulation:
+        self.quantized = set(names)
+        for name, switches in self._switches.items():
+            for s in switches:
+                s.on = name in self.quantized
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    @torch.inference_mode()
+    def output_stats(self, batches: Iterable[Tensor]) -> None:
+        """op.stats as output_stats gives them for the eager flow: all-off (the fused FP32
+        model) against all-on (the converted one) at each op's output, on the same images."""
+        sums = {op.name: [0.0, 0.0, 0, 0] for op in self.ops}
+        captured: dict[str, Tensor] = {}
+        mode = {"float": True}
+        handles = []
+        for op in self.ops:
+            def hook(mod, inputs, output, op=op):
+                x_in = inputs[0] if isinstance(mod, _ActSwitch) else output
+                if mode["float"]:
+                    captured[op.name] = output.detach().float()
+                    if isinstance(mod, _ActSwitch):  # the FP32 tensor against the INT8 range
+                        s = sums[op.name]
+                        lo = (op.qmin - op.zero_point) * op.scale
+                        hi = (op.qmax - op.zero_point) * op.scale
+                        s[2] += int(((x_in < lo - op.scale / 2) | (x_in > hi + op.scale / 2)).sum())
+                        s[3] += x_in.numel()
+                    return
+                x = captured.pop(op.name)
+                s = sums[op.name]
+                s[0] += float(x.double().pow(2).sum())
+                s[1] += float((x.double() - output.double()).pow(2).sum())
+            handles.append(self._out[op.name].register_forward_hook(hook))
+        keep = set(self.quantized)
+        try:
+            for x in batches:
+                mode["float"] = True
+                self.set_quantized(())(x)
+                mode["float"] = False
+                self.set_quantized(op.name for op in self.ops)(x)
+        finally:
+            for h in handles:
+                h.remove()
+            self.set_quantized(keep)
+        for op in self.ops:
+            signal, noise, clipped, count = sums[op.name]
+            op.stats["output_sqnr_db"] = sqnr_db(signal, noise)
+            op.stats["clipped_fraction"] = clipped / count if count else None
+            op.stats["output_scale_exponent"] = (round(math.log2(op.scale)) if op.scale > 0
+                                                 else None)
+            _weight_stats(op)
+
+
+def _float_param(prepared: torch.fx.GraphModule, arg) -> Tensor:
+    """The float tensor behind a prepared graph's weight argument (through its observer)."""
+    node = arg
+    while isinstance(node, torch.fx.Node) and node.op != "get_attr":
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node):
+        raise QlabError("A weight of the prepared graph is not a parameter.")
+    return _attr(prepared, node.target)
+
+
+def _bias_pair(gm, prepared, node, before) -> tuple[Tensor | None, Tensor | None]:
+    if len(node.args) < 3 or node.args[2] is None or len(before.args) < 3 or before.args[2] is None:
+        return None, None
+    return _value(gm, node.args[2]), _float_param(prepared, before.args[2])

@@ -20,8 +20,16 @@ from qlab.hardware import resolve_config
 from qlab.integer.verify import stage_metrics
 from qlab.models import Normalize
 from qlab.quant.mixed import make_float_islands
+from qlab.quant.ptq import calibrate
 from qlab.quant.qconfig import set_backend
-from qlab.quant.sensitivity import Simulation, accuracy, find_ops, output_stats, sweeps
+from qlab.quant.sensitivity import (
+    GraphSimulation,
+    Simulation,
+    accuracy,
+    find_ops,
+    output_stats,
+    sweeps,
+)
 from qlab.stages.common import build_datamodule, output_dir
 from qlab.stages.integer import rebuild_int8
 
@@ -62,6 +70,40 @@ def _rounding(row: dict | None) -> str | None:
         return None
     down, n = int(row["rounded_down"]), int(row["channels"])
     return "down" if down == n else "up" if down == 0 else f"down in {down} of {n}"
+
+
+SIMULATION = {
+    "eager": "fused FP32 model with the converted model's dequantized weights and biases and "
+             "its output scales/zero points as fake-quantize after each op",
+    "pt2e": "the convert_pt2e graph with each quantize/dequantize pair a switchable "
+            "fake-quantize and each dequantized weight and snapped bias switchable to the "
+            "prepared (BN-folded) float one",
+}
+
+
+def _pt2e_simulation(stage_dir: Path, metrics: dict, model, dm, images: torch.Tensor):
+    """The PT2E stage made again (prepare, calibrate on the stage's batches, convert), checked
+    against its saved q/dq program on `images` (uint8), and its GraphSimulation."""
+    from qlab.quant.flows.pt2e import Pt2eFlow
+    from qlab.runtimes import load_pt2e
+
+    quant = OmegaConf.create(metrics["quant"])
+    flow = Pt2eFlow()
+    normalize = Normalize(dm.mean, dm.std)
+    x01 = images.float() / 255.0
+    prepared = flow.prepare_ptq(model, quant, normalize(x01[:1]))
+    calibrate(prepared, dm.calib_dataloader(), batches=quant.calib_batches, mean=dm.mean,
+              std=dm.std)
+    int8 = flow.convert(prepared, normalize(x01[:1]))
+    reproduced = None
+    saved = stage_dir / "model_int8_pt2e.pt2"
+    if saved.is_file():
+        with torch.inference_mode():
+            reproduced = bool(torch.equal(load_pt2e(saved)(x01), int8(normalize(x01))))
+        if not reproduced:
+            log.warning("The PT2E model made again differs from %s: the sensitivity figures are "
+                        "of the model made now (same options, same calibration batches).", saved)
+    return int8, GraphSimulation(int8, prepared), reproduced
 
 
 def worst_first(ops: list[dict], fp32: float) -> list[dict]:
@@ -148,7 +190,12 @@ def run_sensitivity(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     source = str(cfg["from"])
     stage_dir = Path(cfg.outputs_dir) / cfg.name / source
-    metrics = stage_metrics(stage_dir, reader="stage=sensitivity (for now)")
+    metrics = stage_metrics(stage_dir, reader="stage=sensitivity", flows=("eager", "pt2e"))
+    flow_name = metrics["int8"].get("flow", "eager")
+    if flow_name == "pt2e" and metrics["stage"] != "ptq":
+        raise QlabError(f"{stage_dir} is a PT2E {metrics['stage']} stage: its fine-tuned float "
+                        f"weights are not kept, and sensitivity compares against them. Measure "
+                        f"the PT2E PTQ stage, or the eager flow's QAT.")
     sens = cfg.sensitivity
     if sens.split not in ("test", "val"):
         raise QlabError(f"sensitivity.split={sens.split}: use test or val.")
@@ -162,23 +209,31 @@ def run_sensitivity(cfg: DictConfig) -> dict:
         raise QlabError(f"The data has classes {dm.classes}, the {source} model was trained on "
                         f"{metrics['classes']}: pass the same data= options as that run.")
     dm.setup()
-    int8 = rebuild_int8(stage_dir, metrics)
     fp32_weights = Path(metrics.get("fp32_weights") or "")
     if not fp32_weights.is_file():
         raise QlabError(f"The FP32 weights {source} was made from ({fp32_weights}) are gone: "
                         f"sensitivity compares against them.")
-    fused = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
-    load_fp32_weights(fused, fp32_weights).eval().fuse_model(is_qat=False)
-    make_float_islands(fused, metrics["int8"].get("float_layers") or ())  # names as in int8
+    model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
+    load_fp32_weights(model, fp32_weights).eval()
     mean, std = metrics["mean"], metrics["std"]
     calib_x, calib_y = subset(dm, "train", sens.calib_images, cfg.seed)
     calib = [x for x, _ in normalized_batches(calib_x, calib_y, mean=mean, std=std,
-                                    batch_size=sens.batch_size)]
-    test = normalized_batches(*subset(dm, sens.split, sens.images, cfg.seed), mean=mean, std=std,
-                    batch_size=sens.batch_size)
-    ops = find_ops(int8, fused, calib[0][:1])
-    output_stats(ops, fused, int8, calib)
-    sim = Simulation(fused, ops)
+                                              batch_size=sens.batch_size)]
+    test = normalized_batches(*subset(dm, sens.split, sens.images, cfg.seed), mean=mean,
+                              std=std, batch_size=sens.batch_size)
+    if flow_name == "eager":
+        int8 = rebuild_int8(stage_dir, metrics)
+        fused = model
+        fused.fuse_model(is_qat=False)
+        make_float_islands(fused, metrics["int8"].get("float_layers") or ())  # names as in int8
+        ops = find_ops(int8, fused, calib[0][:1])
+        output_stats(ops, fused, int8, calib)
+        sim = Simulation(fused, ops)
+        reproduced = None
+    else:
+        int8, sim, reproduced = _pt2e_simulation(stage_dir, metrics, model, dm, calib_x[:64])
+        sim.output_stats(calib)
+        ops = sim.ops
     acc = sweeps(sim, test, progress=lambda s: log.info("sensitivity %s", s))
     with torch.inference_mode():
         agree = sum(int((int8(x).argmax(1) == sim(x).argmax(1)).sum()) for x, _ in test)
@@ -194,13 +249,11 @@ def run_sensitivity(cfg: DictConfig) -> dict:
             "weight_rounding": _rounding(rows.get((op.name, "weight"))),
         })
     worst = worst_first(records, acc["float"])
-    result = {"name": cfg.name, "from": source, "flow": metrics["int8"].get("flow", "eager"),
-              "engine": engine, "accuracy": acc,
+    result = {"name": cfg.name, "from": source, "flow": flow_name,
+              "engine": engine, "accuracy": acc, "pt2e_reproduced": reproduced,
               "subset": {"split": sens.split, "images": sum(len(y) for _, y in test),
                          "seed": cfg.seed},
-              "calibration_images": len(calib_y), "simulation": (
-                  "fused FP32 model with the converted model's dequantized weights and biases "
-                  "and its output scales/zero points as fake-quantize after each op"),
+              "calibration_images": len(calib_y), "simulation": SIMULATION[flow_name],
               "ops": records, "worst_first": worst,
               "worst": [op["name"] for op in worst[: sens.worst]],
               "seconds": time.perf_counter() - t0, "hardware": hw}
