@@ -1,5 +1,5 @@
-"""Regression guard for quantization on a learned network: experiment=testbed (ResNet-20) trained
-until it has clearly learned the synthetic data; PTQ po2 and QAT must stay close to FP32."""
+"""Regression guard for quantization on a learned network: experiment=resnet20_cpu (ResNet-20)
+trained until it has clearly learned the synthetic data; PTQ po2 and QAT must stay close to FP32."""
 
 import json
 
@@ -9,7 +9,7 @@ from conftest import read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
-SYNTH = ["experiment=testbed", "data=synthetic", "data.num_train=1024", "data.num_test=512",
+SYNTH = ["experiment=resnet20_cpu", "data=synthetic", "data.num_train=1024", "data.num_test=512",
          "data.batch_size=64", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
          "bench.runs=20", "bench.warmup=2", "quant.calib_batches=8", "quant.qat.epochs=1",
          "quant.qat.limit_train_batches=8"]
