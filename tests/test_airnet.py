@@ -243,3 +243,25 @@ def test_experiment_airnet_trains_tests_with_tta_and_quantizes(tmp_path):
     report = (tmp_path / "a" / "report.md").read_text()
     assert "- fp32: test logits averaged over 6 views (flip_translate)" in report
     assert json.loads((tmp_path / "a" / "report.json").read_text())["tta"]["ptq"] == "flip_translate"
+
+
+@pytest.mark.parametrize("experiment", ["airnet", "testbed", "resnet20_cpu", "resnet50_cpu",
+                                        "reference", "demo"])
+def test_every_experiment_composes_a_working_schedule_for_fp32_and_qat(experiment):
+    """An experiment's scheduler keys must not leak into QAT's cosine (stage=qat overrides the
+    scheduler group): both stages' optimizer and scheduler build."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = str(Path(__file__).parents[1] / "conf")
+    for stage in ("fp32", "qat"):
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("train", overrides=[f"experiment={experiment}", f"stage={stage}",
+                                              "data.root=/nonexistent"])
+        optimizer = instantiate(cfg.optimizer)(params=[nn.Parameter(torch.zeros(1))])
+        extra = {"total_steps": 10} if cfg.scheduler.get("total_steps", 0) is None else {}
+        scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, **extra)
+        if stage == "qat":
+            assert type(scheduler).__name__ == "CosineAnnealingLR"
