@@ -29,7 +29,6 @@ from torch.ao.quantization import QuantStub
 
 from qlab.errors import QlabError
 
-KINDS = ("input", "conv", "linear", "add")
 AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
