@@ -146,7 +146,8 @@ def markdown(result: dict) -> str:
             f"{acc['float'] - op['accuracy_only_this_quantized']:+.2f} | "
             f"{op['accuracy_only_this_float']:.2f} | {op['float_gain']:+.2f} | "
             f"{_fmt(op['output_sqnr_db'])} | {_fmt(op['weight_sqnr_db'])} | "
-            f"{op['clipped_fraction']:.2e} | {op['output_scale_exponent']} | "
+            f"{'-' if op['clipped_fraction'] is None else format(op['clipped_fraction'], '.2e')} | "
+            f"{'-' if op['output_scale_exponent'] is None else op['output_scale_exponent']} | "
             f"{'-' if w is None else (w[0] if w[0] == w[1] else f'{w[0]}..{w[1]}')} | "
             f"{op['output_rounding'] or '-'} / {op['weight_rounding'] or '-'} |")
     return "\n".join(head + rows) + "\n"
