@@ -212,6 +212,7 @@ AIRNET = ["experiment=airnet", "data=synthetic", "data.num_train=160", "data.num
           "callbacks.freeze.epoch=1", "quant.calib_batches=2"]
 
 
+@pytest.mark.slow
 def test_experiment_airnet_trains_tests_with_tta_and_quantizes(tmp_path):
     run_cli("train.py", "stage=fp32", "name=a", *AIRNET, outputs=tmp_path)
     out = tmp_path / "a" / "fp32"

@@ -211,6 +211,7 @@ def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
     assert isinstance(FloatIsland(nn.Linear(2, 2)).op, nn.Linear)
 
 
+@pytest.mark.slow
 def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
     run_cli("train.py", "stage=fp32", "name=m", *R20, outputs=tmp_path)
     run_cli("quantize.py", "stage=ptq", "name=m", "tag=-fl", "quant.float_layers=[fc,conv1]",
