@@ -128,6 +128,7 @@ R20 = ["model=resnet20", "data=synthetic", "data.num_train=160", "data.num_test=
 SENS = ["sensitivity.images=48", "sensitivity.calib_images=40"]
 
 
+@pytest.mark.slow
 def test_sensitivity_stage_and_report(tmp_path):
     run_cli("train.py", "stage=fp32", "name=s", *R20, outputs=tmp_path)
     run_cli("quantize.py", "stage=ptq", "name=s", *R20, outputs=tmp_path)
