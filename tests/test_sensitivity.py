@@ -234,6 +234,11 @@ def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
     assert "fc.quant" in names and "fc" not in names and "conv1" not in names
     assert sens["accuracy"]["agreement"] > 0.9
 
+    # the other flows refuse float islands
+    proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=pt2e",
+                   "quant.float_layers=[fc]", *R20, outputs=tmp_path, check=False)
+    assert proc.returncode == 2 and "quant.flow=eager" in proc.stderr
+
     # automatic: coarse scales (max_shift=2) cost accuracy; ops go back to float, the most
     # helpful first, until the validation drop is within 0 points
     run_cli("quantize.py", "stage=ptq", "name=m", "tag=-auto", "quant.mixed.max_drop=0",
@@ -241,18 +246,17 @@ def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
     auto = read_metrics(tmp_path / "m" / "ptq-auto" / "metrics.json")
     mixed = auto["mixed"]
     steps = mixed["steps"]
-    assert mixed["val_images"] == 16 and steps[0]["float_layers"] == [] and len(steps) >= 2
-    assert all(s["drop"] > 0 for s in steps[:-1])  # it stops at the first step that meets it
+    assert mixed["val_images"] == 16 and steps[0]["float_layers"] == []
     assert mixed["met"] == (steps[-1]["drop"] <= 0) and mixed["val_drop"] == steps[-1]["drop"]
     assert auto["int8"]["float_layers"] == mixed["float_layers"] == steps[-1]["float_layers"]
+    if steps[0]["drop"] <= 0:  # all-INT8 already met it (a barely trained net, another CPU)
+        assert len(steps) == 1 and mixed["float_layers"] == [] and mixed["ranking"] == []
+        return
+    assert len(steps) >= 2 and all(s["drop"] > 0 for s in steps[:-1])  # stops when it is met
     ranked = [r["name"] for r in mixed["ranking"]]
     assert mixed["float_layers"] == ranked[:len(steps) - 1] and len(ranked) == 22
     gains = [r["accuracy_only_this_float"] for r in mixed["ranking"]]
     assert gains == sorted(gains, reverse=True)
-    # the other flows refuse, and so does QAT's automatic mode
-    proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=pt2e",
-                   "quant.float_layers=[fc]", *R20, outputs=tmp_path, check=False)
-    assert proc.returncode == 2 and "quant.flow=eager" in proc.stderr
 
 
 @pytest.fixture(scope="module")
