@@ -93,6 +93,20 @@ def _hook_point(module: nn.Module) -> nn.Module:
     return module
 
 
+def _clipped(op: QuantOp, x: Tensor) -> int:
+    """How many values of the float tensor x fall outside op's INT8 output range (half a step
+    of slack)."""
+    lo = (op.qmin - op.zero_point) * op.scale
+    hi = (op.qmax - op.zero_point) * op.scale
+    return int(((x < lo - op.scale / 2) | (x > hi + op.scale / 2)).sum())
+
+
+def _add_error(sums: list, x: Tensor, x_hat: Tensor) -> None:
+    """Accumulate the signal and noise energies of x_hat against x (sums[0], sums[1])."""
+    sums[0] += float(x.double().pow(2).sum())
+    sums[1] += float((x.double() - x_hat.double()).pow(2).sum())
+
+
 def _qrange(dtype: torch.dtype) -> tuple[int, int]:
     return (0, 255) if dtype == torch.quint8 else (-128, 127)
 
@@ -213,11 +227,8 @@ def output_stats(ops: Sequence[QuantOp], fused: nn.Module, int8: nn.Module,
             x = captured.pop(op.name)
             x_hat = output.dequantize() if output.is_quantized else output.float()
             s = sums[op.name]
-            s[0] += float(x.double().pow(2).sum())
-            s[1] += float((x.double() - x_hat.double()).pow(2).sum())
-            lo = (op.qmin - op.zero_point) * op.scale
-            hi = (op.qmax - op.zero_point) * op.scale
-            s[2] += int(((x < lo - op.scale / 2) | (x > hi + op.scale / 2)).sum())
+            _add_error(s, x, x_hat)
+            s[2] += _clipped(op, x)
             s[3] += x.numel()
         handles.append(_hook_point(fmods[op.name]).register_forward_hook(keep_float))
         handles.append(_hook_point(qmods[op.name]).register_forward_hook(compare))
@@ -462,16 +473,10 @@ class GraphSimulation:
                 if mode["float"]:
                     captured[op.name] = output.detach().float()
                     if isinstance(mod, _ActSwitch):  # the FP32 tensor against the INT8 range
-                        s = sums[op.name]
-                        lo = (op.qmin - op.zero_point) * op.scale
-                        hi = (op.qmax - op.zero_point) * op.scale
-                        s[2] += int(((x_in < lo - op.scale / 2) | (x_in > hi + op.scale / 2)).sum())
-                        s[3] += x_in.numel()
+                        sums[op.name][2] += _clipped(op, x_in)
+                        sums[op.name][3] += x_in.numel()
                     return
-                x = captured.pop(op.name)
-                s = sums[op.name]
-                s[0] += float(x.double().pow(2).sum())
-                s[1] += float((x.double() - output.double()).pow(2).sum())
+                _add_error(sums[op.name], captured.pop(op.name), output)
             handles.append(self._out[op.name].register_forward_hook(hook))
         keep = set(self.quantized)
         try:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qlab import artifacts
 from qlab.data import ImageDataModule
-from qlab.errors import QlabError
+from qlab.errors import QlabError, first_line
 from qlab.evaluate import evaluate
 from qlab.module import LitClassifier
 
@@ -40,8 +40,7 @@ def _unreadable_checkpoint(path: Path) -> str | None:
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # a damaged archive or pickle fails in many ways; all mean the same
-        text = str(exc).strip()
-        return f"{type(exc).__name__}: {text.splitlines()[0].split('. ')[0] if text else '?'}"
+        return first_line(exc)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         return "no Lightning state_dict in it"
     return None

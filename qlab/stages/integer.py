@@ -14,7 +14,7 @@ from torch import nn
 from torch.ao.quantization import convert, prepare
 
 from qlab import artifacts
-from qlab.errors import QlabError
+from qlab.errors import QlabError, first_line
 from qlab.hardware import check_int8_exact, resolve_config
 from qlab.integer.export import to_integer, write_integer
 from qlab.integer.reference import IntegerModel
@@ -47,7 +47,7 @@ def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling a damaged file fails in many ways; all mean the same
-        raise QlabError(f"{path} is not a readable PyTorch file ({_first_line(exc)}): it is "
+        raise QlabError(f"{path} is not a readable PyTorch file ({first_line(exc)}): it is "
                         f"truncated or corrupt. {rerun_hint(stage_dir)}") from None
     if not isinstance(state, dict):
         raise QlabError(f"{path} holds a {type(state).__name__}, not a state_dict: the file is "
@@ -56,14 +56,9 @@ def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
         int8.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise QlabError(f"{path} does not fit the INT8 model that metrics.json describes "
-                        f"({_first_line(exc)}): the two files are from different runs or "
+                        f"({first_line(exc)}): the two files are from different runs or "
                         f"damaged. {rerun_hint(stage_dir)}") from None
     return int8.eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0].split('. ')[0] if text else 'no message'}"
 
 
 def load_scripted(stage_dir: Path) -> torch.jit.ScriptModule:
@@ -75,7 +70,7 @@ def load_scripted(stage_dir: Path) -> torch.jit.ScriptModule:
     try:
         return artifacts.load_torchscript(path)[0]
     except (RuntimeError, ValueError, OSError) as exc:
-        raise QlabError(f"{path} is not a readable TorchScript file ({_first_line(exc)}): it is "
+        raise QlabError(f"{path} is not a readable TorchScript file ({first_line(exc)}): it is "
                         f"truncated or corrupt. {rerun_hint(stage_dir)}") from None
 
 

@@ -25,7 +25,6 @@ from qlab.quant.qconfig import set_backend
 from qlab.quant.sensitivity import (
     GraphSimulation,
     Simulation,
-    accuracy,
     find_ops,
     output_stats,
     sweeps,
@@ -106,6 +105,19 @@ def _pt2e_simulation(stage_dir: Path, metrics: dict, model, dm, images: torch.Te
     return int8, GraphSimulation(int8, prepared), reproduced
 
 
+@torch.inference_mode()
+def _converted_and_agreement(int8, sim, batches) -> dict:
+    """The converted model's accuracy and its top-1 agreement with the simulation (all ops
+    quantized), in one pass over the images."""
+    correct = agree = total = 0
+    for x, y in batches:
+        predicted = int8(x).argmax(1)
+        correct += int((predicted == y).sum())
+        agree += int((predicted == sim(x).argmax(1)).sum())
+        total += len(y)
+    return {"converted": 100.0 * correct / max(total, 1), "agreement": agree / max(total, 1)}
+
+
 def worst_first(ops: list[dict], fp32: float) -> list[dict]:
     """Ops ordered by the accuracy lost with only that op quantized, then by the accuracy won
     back with only that op in float, then by the lowest output SQNR."""
@@ -116,12 +128,13 @@ def worst_first(ops: list[dict], fp32: float) -> list[dict]:
     return sorted(ops, key=key)
 
 
-def _fmt(v, digits: int = 1) -> str:
+def _fmt(v, fmt: str = ".1f") -> str:
+    """A table cell: '-' for None, inf, else v formatted (integers as they are)."""
     if v is None:
         return "-"
     if isinstance(v, float) and math.isinf(v):
         return "inf"
-    return f"{v:.{digits}f}"
+    return str(v) if isinstance(v, int) else format(v, fmt)
 
 
 def markdown(result: dict) -> str:
@@ -146,8 +159,7 @@ def markdown(result: dict) -> str:
             f"{acc['float'] - op['accuracy_only_this_quantized']:+.2f} | "
             f"{op['accuracy_only_this_float']:.2f} | {op['float_gain']:+.2f} | "
             f"{_fmt(op['output_sqnr_db'])} | {_fmt(op['weight_sqnr_db'])} | "
-            f"{'-' if op['clipped_fraction'] is None else format(op['clipped_fraction'], '.2e')} | "
-            f"{'-' if op['output_scale_exponent'] is None else op['output_scale_exponent']} | "
+            f"{_fmt(op['clipped_fraction'], fmt='.2e')} | {_fmt(op['output_scale_exponent'])} | "
             f"{'-' if w is None else (w[0] if w[0] == w[1] else f'{w[0]}..{w[1]}')} | "
             f"{op['output_rounding'] or '-'} / {op['weight_rounding'] or '-'} |")
     return "\n".join(head + rows) + "\n"
@@ -236,9 +248,7 @@ def run_sensitivity(cfg: DictConfig) -> dict:
         sim.output_stats(calib)
         ops = sim.ops
     acc = sweeps(sim, test, progress=lambda s: log.info("sensitivity %s", s))
-    with torch.inference_mode():
-        agree = sum(int((int8(x).argmax(1) == sim(x).argmax(1)).sum()) for x, _ in test)
-    acc |= {"converted": accuracy(int8, test), "agreement": agree / sum(len(y) for _, y in test)}
+    acc |= _converted_and_agreement(int8, sim, test)
     rows = scale_rows(stage_dir)
     records = []
     for op in ops:
