@@ -64,6 +64,9 @@ def write_json(path: Path, data: dict) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+STATE_DICT_FILE = "model_int8_state_dict.pt"  # an INT8 stage's state_dict (its size is size_mb)
+
+
 def save_state_dict(path: Path, model: torch.nn.Module) -> float:
     """Save model.state_dict(); returns the file size in MB (1 MB = 1e6 bytes)."""
     atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))

@@ -123,8 +123,8 @@ def test_an_input_that_no_earlier_op_writes(model_dir, edit):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda spec: spec.pop("version"), "has no format version"),
-    (lambda spec: spec.update(version=2), "is format version 2; this qlab reads version 1 only"),
-    (lambda spec: spec.update(version="1"), "is format version '1'; this qlab reads version 1"),
+    (lambda spec: spec.update(version=3), "is format version 3; this qlab reads versions 1, 2"),
+    (lambda spec: spec.update(version="1"), "is format version '1'; this qlab reads versions 1"),
     (lambda spec: spec.update(format="onnx"), "not a qlab-integer-model file .*'onnx'"),
 ])
 def test_a_wrong_or_missing_format_version(model_dir, edit, message):

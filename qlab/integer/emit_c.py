@@ -5,7 +5,8 @@
     qlab_model.h    int qlab_infer(const uint8_t *image, int32_t *logits); the image and output
                     layout as #defines
     qlab_model.c    every op of the model, the static activation arena, the ops in order
-    qlab_weights.h  the weights, biases, shifts and input table as static const arrays
+    qlab_weights.h  the weights (4-bit ones packed two per byte), biases, shifts and input
+                    table as static const arrays
     main.c          qlab_run: raw N x H x W x 3 uint8 images (a file or stdin) -> one line of
                     comma-separated output codes per image
     Makefile        CC ?= cc, CFLAGS ?= -std=c99 -Wall -Wextra -Werror -O2; targets qlab_run and
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from qlab.errors import QlabError
-from qlab.integer.reference import IntegerModel, check_avgpool_shift
+from qlab.integer.reference import IntegerModel, check_avgpool_shift, pack_int4
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ static void {fn}(const {tin} *x, {tout} *y)
         const {tin} *xg = x + (long)g * {cin_g} * {h} * {w};
         for (ocb = 0; ocb < {cout_g}; ocb += {nb}) {{
             const int oc = g * {cout_g} + ocb;
-            const int8_t *wb = {weight} + (long)oc * {cin_g} * {kh} * {kw};
+            const int8_t *wb = {wb};
             {tout} *yo = y + (long)oc * {oh} * {ow};
             for (oy = 0; oy < {oh}; oy++) {{
                 const int iy0 = oy * {sh} - {ph};
@@ -224,6 +225,21 @@ static void {fn}(const {tin} *x, {tout} *y)
 }}
 """
 
+_UNPACK4 = """\
+/* 4-bit weights, two per byte (element 2i in the low nibble of byte i, two's complement): n of
+   them from element `first` into dst, as int8 (the static scratch buffer). */
+static const int8_t *qlab_unpack4(int8_t *dst, const uint8_t *src, long first, long n)
+{
+    long i;
+    for (i = 0; i < n; i++) {
+        const long e = first + i;
+        const int v = (src[e >> 1] >> ((e & 1) * 4)) & 15;
+        dst[i] = (int8_t)((v ^ 8) - 8);
+    }
+    return dst;
+}
+"""
+
 _LINEAR = """\
 /* {name}: linear {n_in} -> {n_out}, {tin} in, {tout} out, {tacc} accumulators:
    acc = bias + sum (x - {in_zp}) * w, requantized */
@@ -231,7 +247,7 @@ static void {fn}(const {tin} *x, {tout} *y)
 {{
     int o, i;
     for (o = 0; o < {n_out}; o++) {{
-        const int8_t *wo = {weight} + (long)o * {n_in};
+        const int8_t *wo = {wo};
         {tacc} acc = {bias}[o];
         for (i = 0; i < {n_in}; i++)
             acc += (({tacc})x[i] - {in_zp}) * wo[i];
@@ -401,6 +417,7 @@ class _Emitter:
         self.helpers: dict[str, str] = {}   # name -> C text, emitted once, in first-use order
         self.weights: list[str] = []
         self.weight_bytes = 0
+        self.scratch_bytes = 0  # 4-bit weights: the largest block unpacked at a time
         self.params: list[str] = []
         self.calls: list[str] = []
         self.layers: list[dict] = []
@@ -537,13 +554,29 @@ class _Emitter:
         shifts = {f"shift_{j}": shift_expr.replace("{j}", str(j)) for j in range(nb)}
         lo, hi = (int(v) for v in op["clamp"])
         self.need_rounding(gemm=True)
+        if op.get("weight_bits", 8) == 4:  # packed in flash, a block at a time into the scratch
+            packed = self.array("uint8_t", f"{fn}_weight4", pack_int4(weight))
+            step = fields["cin_g"] * fields["kh"] * fields["kw"] if "kh" in fields else None
+            per = step * fields["nb"] if step else fields["n_in"]
+            self.scratch_bytes = max(self.scratch_bytes, per)
+            self.need("unpack4", _UNPACK4)
+            first = f"(long)oc * {step}" if step else f"(long)o * {per}"
+            fields |= {"wb": f"qlab_unpack4(qlab_scratch, {packed}, {first}, {per})",
+                       "wo": f"qlab_unpack4(qlab_scratch, {packed}, {first}, {per})"}
+            name = packed
+        else:
+            name = self.array("int8_t", f"{fn}_weight", weight)
+            fields |= {"wb": f"{name} + (long)oc * {fields.get('cin_g', 0)} * "
+                             f"{fields.get('kh', 0)} * {fields.get('kw', 0)}",
+                       "wo": f"{name} + (long)o * {fields.get('n_in', 0)}"}
         self.need(fn, template.format(
             name=_ident(op["name"]), fn=fn, tin=CTYPES[x["dtype"]], tout=CTYPES[y["dtype"]],
-            tacc=tacc, weight=self.array("int8_t", f"{fn}_weight", weight),
+            tacc=tacc, weight=name,
             bias=self.array("int32_t", f"{fn}_bias", self.arrays[op["bias"]]), shift=shift_expr,
             in_zp=int(op["in_zero_point"]), out_zp=int(op["out_zero_point"]), lo=lo, hi=hi,
             zp_first=int(self.ref.zero_point[op["op"]] == "before"), **shifts, **fields))
-        self.layers.append({"op": op["name"], "kind": op["op"], "accumulator": tacc[:-2]})
+        self.layers.append({"op": op["name"], "kind": op["op"], "accumulator": tacc[:-2],
+                            "weight_bits": int(op.get("weight_bits", 8))})
         return fn
 
     def op_conv(self, i: int, op: dict) -> None:
@@ -664,8 +697,10 @@ class _Emitter:
    returns 0 on success, -1 if a pointer is NULL.
 
    Not reentrant: the activations live in one static arena of QLAB_ARENA_BYTES bytes (a
-   tensor's bytes are reused once its last reader has run); call it from one thread at a time.
-   Nothing else is allocated; the stack holds a few scalars. */
+   tensor's bytes are reused once its last reader has run), and 4-bit weights are unpacked a
+   block of output channels at a time into a static scratch of QLAB_SCRATCH_BYTES bytes (0: no
+   4-bit weights); call it from one thread at a time. Nothing else is allocated; the stack
+   holds a few scalars. */
 #ifndef {guard}
 #define {guard}
 
@@ -679,6 +714,7 @@ class _Emitter:
 #define QLAB_OUT_ZERO_POINT {int(out['zero_point'])}
 #define QLAB_OUT_EXP {int(out['exp'])}
 #define QLAB_ARENA_BYTES {self.arena_bytes}
+#define QLAB_SCRATCH_BYTES {self.scratch_bytes}
 #define QLAB_WEIGHT_BYTES {self.weight_bytes}
 
 #ifdef __cplusplus
@@ -699,6 +735,9 @@ int qlab_infer(const uint8_t *image, int32_t *logits);
         arena = max(self.arena_bytes, 1)
         body = "\n    ".join(self.calls)
         order = ", ".join(f"{k}: zero point {v} rounding" for k, v in self.ref.zero_point.items())
+        scratch = ("/* 4-bit weights: one block of output channels unpacked at a time */\n"
+                   f"static int8_t qlab_scratch[{self.scratch_bytes}];\n"
+                   if self.scratch_bytes else "")
         return f"""\
 /* The integer-only model ({self.name}) in C99: generated by qlab.integer.emit_c; do not edit.
    Rounding: {self.ref.rounding}; {order}. Activations planar (C, H, W).
@@ -711,7 +750,7 @@ int qlab_infer(const uint8_t *image, int32_t *logits);
 
 /* activations: every tensor at a fixed offset, reused after its last reader (summary.json) */
 static uint8_t qlab_arena[{arena}];
-{"".join(self.params)}
+{scratch}{"".join(self.params)}
 {chr(10).join(self.helpers.values())}
 int qlab_infer(const uint8_t *image, int32_t *logits)
 {{
@@ -761,6 +800,7 @@ def emit_c(folder: Path, spec: dict | None = None, arrays: dict[str, np.ndarray]
     summary = {"files": sorted([*files, "summary.json"]), "entry": "qlab_infer",
                "rounding": ref.rounding, "zero_point": ref.zero_point,
                "weight_bytes": em.weight_bytes, "arena_bytes": em.arena_bytes,
+               "scratch_bytes": em.scratch_bytes,
                "activation_bytes_without_reuse": em.activation_bytes,
                "layers": em.layers,
                "build": f"make -C {cdir}  (or: cc {CFLAGS} -o qlab_run main.c qlab_model.c)"}
@@ -889,4 +929,4 @@ def check_c(folder: Path, ref: IntegerModel, loader, *, emit: str = "c",
                     "images": len(pixels), "identical_fraction": same, "seconds": seconds,
                     "ms_per_image": 1e3 * seconds / len(pixels), "code_bytes": code,
                     "flash_bytes": None if code is None else summary["weight_bytes"] + code,
-                    "ram_bytes": summary["arena_bytes"]}
+                    "ram_bytes": summary["arena_bytes"] + summary.get("scratch_bytes", 0)}

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from qlab.artifacts import atomic_write
 from qlab.errors import QlabError
-from qlab.integer.reference import FORMAT, VERSION
+from qlab.integer.reference import FORMAT, VERSION, pack_int4
 from qlab.models import Normalize
 
 QDTYPES = {torch.quint8: ("uint8", 0, 255), torch.qint8: ("int8", -128, 127)}
@@ -122,7 +122,8 @@ def _pair(v) -> list[int]:
 
 class _Exporter:
     def __init__(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 image_size: int, max_shift: int | None) -> None:
+                 image_size: int, max_shift: int | None, four_bit: Sequence[str] = ()) -> None:
+        self.four_bit = set(four_bit)
         self.gm = trace(int8.eval())
         self.mean, self.std, self.max_shift = list(mean), list(std), max_shift
         rec = _Record(self.gm)
@@ -197,7 +198,9 @@ class _Exporter:
         bias_q = np.rint(np.ldexp(bias.numpy(), -acc_exp.astype(np.int64)))
         if np.abs(bias_q).max(initial=0) >= 2**31:
             raise QlabError(f"{name}: a bias needs more than 32 bits on the accumulator grid.")
-        self.arrays[f"{name}.weight"] = w.int_repr().numpy().astype(np.int8)
+        wq = w.int_repr().numpy().astype(np.int8)
+        # 4-bit weights: two per byte (reference.pack_int4); it refuses values outside -8..7
+        self.arrays[f"{name}.weight"] = pack_int4(wq) if name in self.four_bit else wq
         self.arrays[f"{name}.bias"] = bias_q.astype(np.int32)
         on_grid = bool(np.array_equal(np.ldexp(bias_q, acc_exp.astype(np.int64)),
                                       bias.numpy()))
@@ -209,6 +212,8 @@ class _Exporter:
               "weight_exp": w_exp[0] if len(w_exp) == 1 else w_exp,
               "shift": shifts[0] if len(w_exp) == 1 else shifts,
               "relu": relu, "clamp": self.clamp(out, relu), "bias_on_grid": on_grid}
+        if name in self.four_bit:
+            op["weight_bits"] = 4
         if isinstance(mod, nnq.Conv2d):
             if mod.padding_mode != "zeros":
                 raise QlabError(f"{name}: padding_mode={mod.padding_mode!r}; only zeros.")
@@ -309,16 +314,22 @@ class _Exporter:
 
 
 def to_integer(int8: nn.Module, *, mean: Sequence[float], std: Sequence[float], image_size: int,
-               max_shift: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+               max_shift: int | None = None,
+               four_bit: Sequence[str] = ()) -> tuple[dict, dict[str, np.ndarray]]:
     """The integer model of a converted po2 INT8 model: (model.json content, weights.npz arrays).
 
     `mean`/`std` are the normalization the float model was trained with: the input table maps
-    each uint8 pixel of each channel through it and the input quantization."""
-    ex = _Exporter(int8, mean, std, image_size, max_shift)
+    each uint8 pixel of each channel through it and the input quantization. The ops named in
+    `four_bit` hold 4-bit weights: stored packed, two per byte (format version 2)."""
+    ex = _Exporter(int8, mean, std, image_size, max_shift, four_bit)
     ex.walk()
+    missing = ex.four_bit - {op["name"] for op in ex.ops}
+    if missing:
+        raise QlabError(f"4-bit ops {', '.join(sorted(missing))} are not conv/linear ops of this "
+                        f"INT8 model.")
     first = ex.tensors[ex.ops[0]["output"]]
     spec = {
-        "format": FORMAT, "version": VERSION, "rounding": "half_even",
+        "format": FORMAT, "version": 2 if ex.four_bit else VERSION, "rounding": "half_even",
         "input": {"tensor": ex.ops[0]["output"], "shape": [len(mean), image_size, image_size],
                   "pixels": "uint8 0..255, NCHW, channels in training order (RGB)",
                   "lut": "input.lut", "mean": list(mean), "std": list(std),

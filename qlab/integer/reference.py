@@ -1,12 +1,13 @@
 """The reference executor: runs model.json + weights.npz with integer arithmetic only.
 
-After the input lookup table every value is an integer: uint8/int8 activations, int8 weights,
-int32 biases, accumulators held in int64, requantization by an arithmetic shift with an explicit
-rounding rule, saturation to the output range. Convolution and linear sums are carried in float32
-(or float64) GEMMs only where every partial sum is provably an exactly representable integer:
-for every output channel, max|x - zp| * sum|w| over the summed inputs must stay below 2^24
-(float32) or 2^53 (float64); input channels are split into chunks until it does, each chunk's
-exact sum is converted to int64, and the chunks are added in int64. Load checks this bound.
+After the input lookup table every value is an integer: uint8/int8 activations, int8 weights
+(or 4-bit ones, stored two per byte and unpacked on load), int32 biases, accumulators held in
+int64, requantization by an arithmetic shift with an explicit rounding rule, saturation to the
+output range. Convolution and linear sums are carried in float32 (or float64) GEMMs only where
+every partial sum is provably an exactly representable integer: for every output channel,
+max|x - zp| * sum|w| over the summed inputs must stay below 2^24 (float32) or 2^53 (float64);
+input channels are split into chunks until it does, each chunk's exact sum is converted to
+int64, and the chunks are added in int64. Load checks this bound.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch.nn import functional as F
 from qlab.errors import QlabError
 
 FORMAT = "qlab-integer-model"
-VERSION = 1
+VERSION = 1          # what a model with 8-bit weights only is written as
+VERSIONS = (1, 2)    # 2: some conv/linear has 4-bit weights (`weight_bits`: 4), packed
 ROUNDINGS = ("half_even", "half_up", "half_away", "floor")
 DTYPES = {"uint8": (torch.uint8, 0, 255), "int8": (torch.int8, -128, 127)}
 GEMM_EXACT_BITS = {"float32": 24, "float64": 53}  # integers below 2^bits are exact
@@ -93,6 +95,28 @@ def check_avgpool_shift(op: dict) -> None:
 def shift_round(v: Tensor, shift: Tensor | int, rounding: str = "half_even") -> Tensor:
     """shift_round_ on a copy (int64)."""
     return shift_round_(v.to(torch.int64, copy=True), shift, rounding)
+
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """int8 values in -8..7, flattened (C order), two per byte: element 2i in the low nibble of
+    byte i, element 2i+1 in the high one, each in two's complement; an odd count leaves the last
+    high nibble 0."""
+    flat = np.asarray(values).reshape(-1).astype(np.int16)
+    if flat.size and (flat.min() < -8 or flat.max() > 7):
+        raise QlabError(f"4-bit weights must lie in -8..7; these reach {int(flat.min())}.."
+                        f"{int(flat.max())}.")
+    nibbles = (flat & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """pack_int4 undone: int8 values in -8..7 of `shape`."""
+    count = int(np.prod(shape))
+    nibbles = np.empty(packed.size * 2, dtype=np.int16)
+    nibbles[0::2], nibbles[1::2] = packed & 0xF, packed >> 4
+    return (((nibbles[:count] ^ 8) - 8).astype(np.int8)).reshape(shape)
 
 
 def _fail(path: Path, what: str) -> QlabError:
@@ -190,9 +214,9 @@ class IntegerModel:
         if "version" not in spec:
             raise _fail(spec_path, f"has no format version (a {FORMAT} file says version "
                                    f"{VERSION})")
-        if spec["version"] != VERSION:
+        if spec["version"] not in VERSIONS:
             raise _fail(spec_path, f"is format version {spec['version']!r}; this qlab reads "
-                                   f"version {VERSION} only")
+                                   f"versions {', '.join(map(str, VERSIONS))}")
         name = spec.get("weights_file", "weights.npz")
         if not isinstance(name, str) or not name:
             raise _fail(spec_path, f"weights_file={name!r} names no file")
@@ -225,6 +249,7 @@ class IntegerModel:
                             f"for conv and linear.")
         if self.gemm not in GEMM_EXACT_BITS:
             raise QlabError(f"integer.gemm={self.gemm!r}: use float32 or float64.")
+        self.arrays = dict(self.arrays)  # 4-bit weights are unpacked into it, not the caller's
         self._check()
 
     # ---- checks -------------------------------------------------------------------------------
@@ -236,6 +261,18 @@ class IntegerModel:
             raise _bad(f"weights.npz has no array {name!r} (the {key} of op {op['name']!r}): the "
                        f"file does not belong to this model.json or is damaged")
         a = self.arrays[name]
+        if key == "weight" and op.get("weight_bits", 8) == 4 and a.dtype == np.int8:
+            if a.size and (int(a.min()) < -8 or int(a.max()) > 7):  # unpacked (in memory)
+                raise _bad(f"weights.npz array {name!r}: op {op['name']!r} has 4-bit weights, "
+                           f"but its values reach {int(a.min())}..{int(a.max())}")
+        elif key == "weight" and op.get("weight_bits", 8) == 4:
+            need = (int(np.prod(shape)) + 1) // 2
+            if a.dtype != np.uint8 or a.shape != (need,):
+                raise _bad(f"weights.npz array {name!r} (the 4-bit weight of op {op['name']!r}) "
+                           f"is {a.dtype} {list(a.shape)}, not the uint8 [{need}] that packs "
+                           f"{list(shape)} ({dims}) two per byte: the files do not belong "
+                           f"together or are damaged")
+            a = self.arrays[name] = unpack_int4(a, tuple(shape))
         if a.dtype != np.dtype(dtype):
             raise _bad(f"weights.npz array {name!r} (the {key} of op {op['name']!r}) has dtype "
                        f"{a.dtype}, not {dtype}: the files do not belong together or are damaged")
@@ -274,6 +311,14 @@ class IntegerModel:
                 raise _bad(f"model.json op {op['name']!r} ({kind}): {key}={op[key]!r} {problem}")
         if kind == "maxpool":
             _check_maxpool(op)
+        if "weight_bits" in op:
+            bits = op["weight_bits"]
+            if kind not in ("conv", "linear") or not _is_int(bits) or bits not in (4, 8):
+                raise _bad(f"model.json op {op['name']!r} ({kind}): weight_bits={bits!r}; only "
+                           f"a conv or linear has it, and it is 4 or 8")
+            if bits == 4 and self.spec.get("version") == 1:
+                raise _bad(f"model.json op {op['name']!r} has 4-bit weights, which format "
+                           f"version 1 does not have (they need version 2)")
 
     def _tensor(self, name: str, op: dict) -> dict:
         """The `tensors` entry op writes: a uint8/int8 dtype, a shape, an exponent, a zero point."""

@@ -12,6 +12,7 @@ import torch.ao.nn.quantized as nnq
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from qlab import artifacts
 from qlab.errors import QlabError
 from qlab.hardware import quantized_engine
 from qlab.integer.export import _Record, trace
@@ -73,7 +74,7 @@ def stage_metrics(stage_dir: Path, reader: str = "the integer export",
     if not isinstance(metrics, dict):
         raise QlabError(f"{path} holds a JSON {type(metrics).__name__}, not a stage's metrics "
                         f"object: the file is damaged. {rerun_hint(stage_dir)}")
-    if "int8" not in metrics or not (stage_dir / "model_int8_state_dict.pt").is_file():
+    if "int8" not in metrics or not (stage_dir / artifacts.STATE_DICT_FILE).is_file():
         raise QlabError(f"{stage_dir} is not an INT8 stage (no int8 record or "
                         f"model_int8_state_dict.pt); use from=ptq, from=qat or a tagged variant.")
     missing = [k for k in METRICS_KEYS if k not in metrics]

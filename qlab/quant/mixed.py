@@ -1,10 +1,15 @@
-"""Float islands: named conv/linear ops of an eager INT8 model kept in float. Each is wrapped as
-dequantize -> the float op -> quantize (with its own observed po2 output scale), so everything
-around it stays INT8; the TorchScript artifact carries the float op as it is."""
+"""Mixed precision in an eager INT8 model: float islands and 4-bit weights.
+
+Float islands: named conv/linear ops kept in float. Each is wrapped as dequantize -> the float
+op -> quantize (with its own observed po2 output scale), so everything around it stays INT8; the
+TorchScript artifact carries the float op as it is.
+
+4-bit weights: named conv/linear ops whose weights are int8 values restricted to -8..7 (po2
+scales like every other), set through a per-op qconfig before prepare."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 from torch.ao.nn import intrinsic as nni
@@ -61,6 +66,53 @@ def make_float_islands(model: nn.Module, names: Sequence[str]) -> list[str]:
         holder = model.get_submodule(parent) if parent else model
         setattr(holder, attr, FloatIsland(getattr(holder, attr)))
     return names
+
+
+def weight_bits_of(spec, names: Sequence[str]) -> dict[str, int]:
+    """quant.weight_bits resolved per op: an int (4 or 8) for every op, or a mapping op -> bits
+    (ops it does not name stay 8-bit; the key `default` sets their width instead)."""
+    if spec is None:
+        spec = 8
+    if isinstance(spec, bool) or not isinstance(spec, int | Mapping):
+        raise QlabError(f"quant.weight_bits={spec!r}: give 4 or 8 (every conv/linear op), or a "
+                        f"mapping op -> 4|8 such as quant.weight_bits={{layers.2.conv2:4}}.")
+    table = dict(spec) if isinstance(spec, Mapping) else {"default": spec}
+    default = table.pop("default", 8)
+    unknown = [n for n in table if n not in names]
+    if unknown:
+        raise QlabError(f"quant.weight_bits names {', '.join(map(str, unknown))}, not a conv or "
+                        f"linear op of this model: "
+                        f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''} "
+                        f"(stage=sensitivity lists them all).")
+    bits = {n: table.get(n, default) for n in names}
+    bad = {n: b for n, b in bits.items() if isinstance(b, bool) or b not in (4, 8)}
+    if bad:
+        name, b = next(iter(bad.items()))
+        raise QlabError(f"quant.weight_bits: {name} gets {b!r} bits; weights are 4 or 8 bits.")
+    return bits
+
+
+def plain_8bit(spec) -> bool:
+    """Whether quant.weight_bits leaves every weight 8-bit without naming any op."""
+    return spec is None or (isinstance(spec, int) and not isinstance(spec, bool) and spec == 8)
+
+
+def four_bit(spec, model: nn.Module) -> list[str]:
+    """The ops of a fused model that quant.weight_bits makes 4-bit, in model order."""
+    if plain_8bit(spec):
+        return []
+    return [n for n, b in weight_bits_of(spec, weighted_ops(model)).items() if b == 4]
+
+
+def set_op_qconfigs(model: nn.Module, qconfigs: Mapping[str, object]) -> None:
+    """Give the named ops of a fused model (before prepare) their own qconfig, e.g. a 4-bit
+    weight observer; a float island cannot take one."""
+    for name, qconfig in qconfigs.items():
+        op = model.get_submodule(name)
+        if isinstance(op, FloatIsland):
+            raise QlabError(f"{name} is both a float island (quant.float_layers) and a 4-bit op "
+                            f"(quant.weight_bits): keep it in one of the two.")
+        op.qconfig = qconfig
 
 
 def _has(model: nn.Module, name: str) -> bool:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.ao.nn.quantized as nnq
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -18,18 +19,20 @@ from qlab.checkpoint import load_fp32_weights
 from qlab.errors import QlabError
 from qlab.hardware import quantized_for
 from qlab.models import Normalize
-from qlab.quant.mixed import make_float_islands
+from qlab.quant.mixed import make_float_islands, set_op_qconfigs, weight_bits_of
 from qlab.quant.qconfig import build_qconfig
 
 log = logging.getLogger(__name__)
 
 
-def qconfig_from_cfg(quant: DictConfig, *, qat: bool):
-    """build_qconfig(**cfg.quant) without the keys that are not qconfig options."""
+def qconfig_from_cfg(quant: DictConfig, *, qat: bool, weight_bits: int = 8):
+    """build_qconfig(**cfg.quant) without the keys that are not qconfig options; weights of
+    `weight_bits` (quant.weight_bits says which ops get which)."""
     keys = ("kind", "backend", "max_shift", "rounding", "per_channel", "activation_dtype",
             "activation_symmetric", "reduce_range", "averaging_constant", "target",
             "even_zero_point")
-    return build_qconfig(qat=qat, **{k: quant[k] for k in keys if k in quant})
+    return build_qconfig(qat=qat, weight_bits=weight_bits,
+                         **{k: quant[k] for k in keys if k in quant})
 
 
 def require_cpu(device: str) -> None:
@@ -89,13 +92,16 @@ def calibrate(model: nn.Module, loader: DataLoader, *, batches: int, mean, std) 
     return seen
 
 
-def prepare_ptq(model: nn.Module, qconfig, float_layers: Sequence[str] = ()) -> nn.Module:
-    """Fuse Conv-BN(-ReLU) in eval mode, keep `float_layers` in float (qlab.quant.mixed), attach
+def prepare_ptq(model: nn.Module, qconfig, float_layers: Sequence[str] = (),
+                op_qconfigs: Callable[[nn.Module], Mapping[str, object]] | None = None) -> nn.Module:
+    """Fuse Conv-BN(-ReLU) in eval mode, keep `float_layers` in float (qlab.quant.mixed), give
+    the ops `op_qconfigs(fused model)` names their own qconfig (4-bit weights), attach
     observers."""
     model.eval()
     model.fuse_model(is_qat=False)
     make_float_islands(model, float_layers)
     model.qconfig = qconfig
+    set_op_qconfigs(model, op_qconfigs(model) if op_qconfigs else {})
     return prepare(model, inplace=True)
 
 
@@ -106,3 +112,19 @@ def int8_record(weight_max: int, cfg: DictConfig) -> dict:
             "reduce_range": bool(cfg.quant.reduce_range), "kind": cfg.quant.kind,
             "flow": cfg.quant.get("flow", "eager"),
             "float_layers": list(cfg.quant.get("float_layers") or [])}
+
+
+def weight_bits_record(int8: nn.Module, spec) -> dict:
+    """The `weight_bits` block of metrics.json for quant.weight_bits=`spec`: which ops of the
+    converted model hold 4-bit weights, how many weights that is, and the bytes that packing
+    them two per byte saves (size_mb counts them so)."""
+    gemms = {n: m for n, m in int8.named_modules() if isinstance(m, nnq.Conv2d | nnq.Linear)}
+    four = [n for n, b in weight_bits_of(spec, list(gemms)).items() if b == 4]
+    count = 0
+    for name in four:
+        w = gemms[name].weight().int_repr()
+        if int(w.min()) < -8 or int(w.max()) > 7:
+            raise QlabError(f"{name}: 4-bit weights outside -8..7 after conversion.")
+        count += w.numel()
+    return {"4": four, "8": [n for n in gemms if n not in four], "weights_4bit": count,
+            "packed_saving_bytes": (count + 1) // 2 if count else 0}

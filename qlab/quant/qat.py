@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +12,7 @@ from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization import QConfig, disable_observer, prepare_qat
 
 from qlab.checkpoint import load_fp32_weights
-from qlab.quant.mixed import make_float_islands
+from qlab.quant.mixed import make_float_islands, set_op_qconfigs
 
 
 class QATCallback(L.Callback):
@@ -25,8 +25,10 @@ class QATCallback(L.Callback):
 
     def __init__(self, *, qconfig: QConfig | None, fp32_weights: Path | None,
                  freeze_observer_epoch: int, freeze_bn_epoch: int,
-                 float_layers: Sequence[str] = ()) -> None:
+                 float_layers: Sequence[str] = (),
+                 op_qconfigs: Callable[[nn.Module], Mapping[str, QConfig]] | None = None) -> None:
         self.qconfig, self.fp32_weights = qconfig, fp32_weights
+        self.op_qconfigs = op_qconfigs
         self.float_layers = list(float_layers)
         self.freeze_observer_epoch, self.freeze_bn_epoch = freeze_observer_epoch, freeze_bn_epoch
         self.prepared = False
@@ -46,6 +48,7 @@ class QATCallback(L.Callback):
         model.fuse_model(is_qat=True)
         make_float_islands(model, self.float_layers)
         model.qconfig = self.qconfig
+        set_op_qconfigs(model, self.op_qconfigs(model) if self.op_qconfigs else {})
         prepare_qat(model, inplace=True)
         return model
 

@@ -20,6 +20,7 @@ from qlab.quant.observer import (
 )
 
 KINDS = ("po2", "torch")
+WEIGHT_BITS = (4, 8)
 DTYPES = {"quint8": torch.quint8, "qint8": torch.qint8}
 
 
@@ -34,11 +35,16 @@ def set_backend(backend: str) -> str:
     return backend
 
 
-def weight_range(target: str) -> tuple[int, int]:
-    """Integer weight range: +-64 for `portable` (exact on every CPU), the full int8 for `vnni`."""
+def weight_range(target: str, bits: int = 8) -> tuple[int, int]:
+    """Integer weight range: +-64 for `portable` (exact on every CPU), the full int8 for `vnni`;
+    4-bit weights are -8..7 on either (int8 values restricted to the 4-bit range)."""
     if target not in TARGETS:
         raise QlabError(f"quant.target={target!r} is not known; use portable (exact INT8 on every "
                         f"CPU, the default) or vnni (full 8-bit weights, exact only with VNNI).")
+    if bits not in WEIGHT_BITS:
+        raise QlabError(f"quant.weight_bits: {bits!r} bits; weights are 4 or 8 bits wide.")
+    if bits == 4:
+        return -8, 7
     return (-PORTABLE_WEIGHT_MAX, PORTABLE_WEIGHT_MAX) if target == "portable" else (-128, 127)
 
 
@@ -64,18 +70,20 @@ def build_qconfig(
     averaging_constant: float = 0.01,
     target: str = "portable",
     even_zero_point: bool = True,
+    weight_bits: int = 8,
 ) -> QConfig:
     """The QConfig for PTQ (observers) or QAT (FakeQuantize modules that run those observers).
 
-    `target` bounds the integer weights (see weight_range); activations stay 8-bit unless
+    `target` and `weight_bits` bound the integer weights (see weight_range: 4-bit weights are
+    int8 values in -8..7, with po2 scales like any other); activations stay 8-bit unless
     `reduce_range`; `even_zero_point` makes every po2 zero point even (see
     observer.even_zero_point: the same integers on every engine)."""
     if kind not in KINDS:
         raise QlabError(f"quant.kind={kind!r} is not known; use quant=po2 or quant=torch.")
-    wmin, wmax = weight_range(target)
+    wmin, wmax = weight_range(target, weight_bits)
     if kind == "torch":
         qc = get_default_qat_qconfig(backend) if qat else get_default_qconfig(backend)
-        if target == "vnni":
+        if target == "vnni" and weight_bits == 8:
             return qc
         return QConfig(activation=qc.activation,
                        weight=qc.weight.with_args(quant_min=wmin, quant_max=wmax))

@@ -17,6 +17,7 @@ from qlab.errors import QlabError
 from qlab.evaluate import evaluate
 from qlab.hardware import check_int8_exact, resolve_config
 from qlab.quant.flows import Flow, get_flow
+from qlab.quant.mixed import plain_8bit
 from qlab.quant.ptq import (
     calibrate,
     fp32_model_config,
@@ -24,6 +25,7 @@ from qlab.quant.ptq import (
     int8_record,
     load_fp32,
     require_cpu,
+    weight_bits_record,
 )
 from qlab.quant.qconfig import set_backend
 from qlab.quant.scales import write_scale_table
@@ -39,7 +41,7 @@ from qlab.stages.common import (
     resume_path,
     selection,
 )
-from qlab.stages.mixed import check_mixed, choose_float_layers
+from qlab.stages.mixed import check_mixed, choose_float_layers, choose_weight_bits
 
 
 def example_input(dm: ImageDataModule) -> torch.Tensor:
@@ -60,7 +62,11 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
     check_int8_exact(record["weight_max"], record["engine"], f"The {stage} INT8 model")
     result = evaluate(int8, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
                       std=dm.std, label_smoothing=cfg.module.label_smoothing, tta=cfg.module.tta)
-    size_mb = artifacts.save_state_dict(out / "model_int8_state_dict.pt", int8)
+    if not plain_8bit(cfg.quant.get("weight_bits", 8)):
+        record["weight_bits"] = weight_bits_record(int8, cfg.quant.weight_bits)
+    file_mb = artifacts.save_state_dict(out / artifacts.STATE_DICT_FILE, int8)
+    # 4-bit weights count as half a byte each (the integer model packs them two per byte)
+    size_mb = file_mb - record.get("weight_bits", {}).get("packed_saving_bytes", 0) / 1e6
     deployable = flow.export(int8, dm.mean, dm.std, out,
                              meta=record | {"hardware": extra.get("hardware", {})},
                              example=example_input(dm))
@@ -77,6 +83,7 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
         "accuracy": result["accuracy"],
         "loss": result["loss"],
         "size_mb": size_mb,
+        "file_mb": file_mb,
         "latency": latency,
         "backend": cfg.quant.backend,
         "quant": OmegaConf.to_container(cfg.quant, resolve=True),
@@ -107,6 +114,10 @@ def run_ptq(cfg: DictConfig) -> dict:
         prepared, extra["mixed"] = choose_float_layers(cfg, flow, model, dm, example_input(dm))
         cfg.quant.float_layers = extra["mixed"]["float_layers"]
         seen = extra["mixed"]["calib_images"]
+    elif cfg.quant.mixed.get("size_mb") is not None:  # 4-bit ops chosen on validation images
+        prepared, extra["mixed_bits"] = choose_weight_bits(cfg, flow, model, dm, example_input(dm))
+        cfg.quant.weight_bits = dict.fromkeys(extra["mixed_bits"]["weight_bits_4"], 4)
+        seen = extra["mixed_bits"]["calib_images"]
     else:
         prepared = flow.prepare_ptq(model.eval(), cfg.quant, example_input(dm))
         seen = calibrate(prepared, dm.calib_dataloader(), batches=cfg.quant.calib_batches,
@@ -130,6 +141,10 @@ def run_qat(cfg: DictConfig) -> dict | None:
         raise QlabError("quant.mixed.max_drop chooses float islands by PTQ; for QAT, pass the "
                         "ops it chose: quant.float_layers=[...] (the PTQ run's metrics.json, "
                         "mixed.float_layers).")
+    if cfg.quant.mixed.get("size_mb") is not None:
+        raise QlabError("quant.mixed.size_mb chooses 4-bit ops by PTQ; for QAT, pass the ops it "
+                        "chose: quant.weight_bits={op: 4, ...} (the PTQ run's metrics.json, "
+                        "int8.weight_bits.4).")
     dm = build_datamodule(cfg)
     weights, fp32_metrics = fp32_weights_path(cfg)
     model_cfg = fp32_model_config(cfg, fp32_metrics)

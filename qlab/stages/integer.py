@@ -43,7 +43,7 @@ def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
     with warnings.catch_warnings():  # observers that never ran: their qparams are overwritten
         warnings.simplefilter("ignore")
         int8 = convert(prepare(model), inplace=False)
-    path = stage_dir / "model_int8_state_dict.pt"
+    path = stage_dir / artifacts.STATE_DICT_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling a damaged file fails in many ways; all mean the same
@@ -96,7 +96,8 @@ def run_integer(cfg: DictConfig) -> dict:
     int8 = rebuild_int8(stage_dir, metrics)
     scripted = load_scripted(stage_dir)  # read before the long work: a damaged file stops here
     spec, arrays = to_integer(int8, mean=metrics["mean"], std=metrics["std"],
-                              image_size=dm.image_size, max_shift=metrics["quant"]["max_shift"])
+                              image_size=dm.image_size, max_shift=metrics["quant"]["max_shift"],
+                              four_bit=record.get("weight_bits", {}).get("4", []))
     off_grid = [op["name"] for op in spec["ops"] if op.get("bias_on_grid") is False]
     if off_grid:
         log.warning("%d biases of %s are not on the accumulator grid (the model was exported "

@@ -1,18 +1,24 @@
-"""quant.mixed.max_drop: PTQ that returns ops to float, most helpful first, until the accuracy
-drop on validation images (never the test split) is at most the given points."""
+"""The automatic mixed-precision modes of PTQ, both tuned on validation images (never the test
+split): quant.mixed.max_drop returns ops to float, most helpful first, until the accuracy drop
+is at most the given points; quant.mixed.size_mb gives 4-bit weights to the ops that lose least
+accuracy per byte saved until the model is at most that size."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import tempfile
+from pathlib import Path
 
+import torch.ao.nn.quantized as nnq
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from qlab import artifacts
 from qlab.errors import QlabError
 from qlab.quant.flows import Flow
-from qlab.quant.mixed import make_float_islands
-from qlab.quant.ptq import calibrate
+from qlab.quant.mixed import make_float_islands, plain_8bit
+from qlab.quant.ptq import calibrate, qconfig_from_cfg, weight_bits_record
 from qlab.quant.sensitivity import Simulation, accuracy, find_ops
 from qlab.stages.sensitivity import normalized_batches, subset
 
@@ -20,15 +26,32 @@ log = logging.getLogger(__name__)
 
 
 def check_mixed(quant: DictConfig) -> None:
-    """Float islands and the automatic mode exist in the eager flow only (for now)."""
-    wanted = bool(quant.get("float_layers")) or quant.get("mixed", {}).get("max_drop") is not None
+    """Float islands, 4-bit weights and the automatic modes exist in the eager flow only."""
+    mixed = quant.get("mixed", {})
+    max_drop, size_mb = mixed.get("max_drop"), mixed.get("size_mb")
+    wanted = [k for k, on in (("quant.float_layers", bool(quant.get("float_layers"))),
+                              ("quant.weight_bits", not plain_8bit(quant.get("weight_bits", 8))),
+                              ("quant.mixed.max_drop", max_drop is not None),
+                              ("quant.mixed.size_mb", size_mb is not None)) if on]
     if wanted and quant.flow != "eager":
-        raise QlabError(f"quant.float_layers / quant.mixed.max_drop work with quant.flow=eager; "
-                        f"this run asks for quant.flow={quant.flow}. Drop them, or use the eager "
-                        f"flow.")
-    max_drop = quant.get("mixed", {}).get("max_drop")
+        raise QlabError(f"{' / '.join(wanted)} work with quant.flow=eager; this run asks for "
+                        f"quant.flow={quant.flow}. Drop them, or use the eager flow.")
     if max_drop is not None and not float(max_drop) >= 0:
         raise QlabError(f"quant.mixed.max_drop={max_drop}: accuracy points, >= 0 (null: off).")
+    if size_mb is not None and not float(size_mb) > 0:
+        raise QlabError(f"quant.mixed.size_mb={size_mb}: megabytes (1e6 bytes), > 0 (null: off).")
+    if max_drop is not None and size_mb is not None:
+        raise QlabError("quant.mixed.max_drop and quant.mixed.size_mb are two automatic modes; "
+                        "run one. (Float islands chosen by max_drop can be kept with "
+                        "quant.float_layers=[...] while size_mb picks the 4-bit ops.)")
+
+
+def _val_batches(cfg: DictConfig, dm, what: str) -> list:
+    if not len(dm.splits["val"][1]):
+        raise QlabError(f"{what} chooses on validation images and this run has none: set "
+                        f"data.val_split > 0 (it never uses the test split).")
+    return normalized_batches(*subset(dm, "val", cfg.quant.mixed.images, cfg.seed),
+                              mean=dm.mean, std=dm.std, batch_size=dm.eval_batch_size)
 
 
 def _fused(model: nn.Module, float_layers: list[str]) -> nn.Module:
@@ -45,11 +68,7 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
     unfused FP32 model; quant.float_layers are islands from the start."""
     mixed, quant = cfg.quant.mixed, cfg.quant
     max_drop = float(mixed.max_drop)
-    if not len(dm.splits["val"][1]):
-        raise QlabError("quant.mixed.max_drop chooses on validation images and this run has "
-                        "none: set data.val_split > 0 (it never uses the test split).")
-    batches = normalized_batches(*subset(dm, "val", mixed.images, cfg.seed), mean=dm.mean,
-                                 std=dm.std, batch_size=dm.eval_batch_size)
+    batches = _val_batches(cfg, dm, "quant.mixed.max_drop")
     layers = [str(n) for n in quant.get("float_layers") or []]
     fp32 = accuracy(_fused(model, []), batches)
     seen = [0]
@@ -94,3 +113,71 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
         log.warning("quant.mixed.max_drop=%s not met even with every conv/linear op in float "
                     "(drop %.2f pt): adds and the input stay INT8.", max_drop, record["val_drop"])
     return prepared, record
+
+
+def _with_qconfig(prepared: nn.Module, names: list[str], qconfig) -> nn.Module:
+    """A copy of a calibrated model whose named ops take `qconfig` at convert (convert makes
+    each weight observer from the op's qconfig; the activation observers keep what they saw)."""
+    copy_ = copy.deepcopy(prepared)
+    for name in names:
+        for m in copy_.get_submodule(name).modules():
+            if hasattr(m, "qconfig"):
+                m.qconfig = qconfig
+    return copy_
+
+
+def choose_weight_bits(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
+                       example: Tensor) -> tuple[nn.Module, dict]:
+    """The calibrated, prepared model whose 4-bit ops bring the size (4-bit weights counted as
+    half a byte) to quant.mixed.size_mb or below, and the record of how they were chosen.
+
+    One calibration serves every candidate (PTQ observers see float activations, whatever the
+    weights' width). Each 8-bit conv/linear op is measured alone at 4 bits on validation images;
+    ops are then taken cheapest first, by accuracy lost per byte saved, until the size fits."""
+    mixed, quant = cfg.quant.mixed, cfg.quant
+    target = float(mixed.size_mb)
+    batches = _val_batches(cfg, dm, "quant.mixed.size_mb")
+    fp32 = accuracy(_fused(model, [str(n) for n in quant.get("float_layers") or []]), batches)
+    prepared = flow.prepare_ptq(copy.deepcopy(model).eval(), quant, example)
+    seen = calibrate(prepared, dm.calib_dataloader(), batches=quant.calib_batches,
+                     mean=dm.mean, std=dm.std)
+    int8 = flow.convert(prepared, example)
+    start = weight_bits_record(int8, quant.get("weight_bits", 8))
+    gemms = {n: m.weight().numel() for n, m in int8.named_modules()
+             if isinstance(m, nnq.Conv2d | nnq.Linear)}
+    with tempfile.TemporaryDirectory() as tmp:  # the file finish_int8 writes, named the same
+        file_mb = artifacts.save_state_dict(Path(tmp) / artifacts.STATE_DICT_FILE, int8)
+    four = list(start["4"])
+    size = file_mb - sum(gemms[n] // 2 for n in four) / 1e6
+    base = accuracy(int8, batches)
+    qconfig4 = qconfig_from_cfg(quant, qat=False, weight_bits=4)
+    ranking: list[dict] = []
+    if size > target:
+        for name in (n for n in gemms if n not in four):
+            acc = accuracy(flow.convert(_with_qconfig(prepared, [name], qconfig4), example),
+                           batches)
+            saving = gemms[name] // 2
+            ranking.append({"name": name, "val_accuracy_only_this_4bit": acc,
+                            "loss_pt": base - acc, "saving_bytes": saving})
+        # cheapest first: accuracy lost per byte saved (a gain counts as free), bigger first
+        ranking.sort(key=lambda r: (max(r["loss_pt"], 0.0) / max(r["saving_bytes"], 1),
+                                    -r["saving_bytes"]))
+        for r in ranking:
+            if size <= target:
+                break
+            four.append(r["name"])
+            size -= r["saving_bytes"] / 1e6
+    chosen = _with_qconfig(prepared, four, qconfig4)
+    acc = accuracy(flow.convert(chosen, example), batches) if four != start["4"] else base
+    record = {"size_mb_target": target, "size_mb": size, "file_mb": file_mb,
+              "all_int8_size_mb": file_mb - sum(gemms[n] // 2 for n in start["4"]) / 1e6,
+              "met": size <= target, "weight_bits_4": four,
+              "val_images": sum(len(y) for _, y in batches), "fp32_val_accuracy": fp32,
+              "all_int8_val_accuracy": base, "val_accuracy": acc, "val_drop": fp32 - acc,
+              "ranking": ranking, "calib_images": seen}
+    log.info("mixed bits: %d op(s) 4-bit, %.3f MB (target %.3f), validation drop %.2f pt",
+             len(four), size, target, fp32 - acc)
+    if not record["met"]:
+        log.warning("quant.mixed.size_mb=%s not met even with every conv/linear op 4-bit "
+                    "(%.3f MB): activations, biases and scales stay as they are.", target, size)
+    return chosen, record

@@ -16,9 +16,24 @@ from qlab import artifacts
 from qlab.hardware import quantized_weight_max
 from qlab.integer.export import snap_biases
 from qlab.quant.flows.base import Flow
+from qlab.quant.mixed import four_bit
 from qlab.quant.ptq import prepare_ptq, qconfig_from_cfg
 from qlab.quant.qat import QATCallback
 from qlab.quant.scales import scale_table
+
+
+def _four_bit_qconfigs(quant: DictConfig, *, qat: bool):
+    """op name -> the 4-bit qconfig, for the ops quant.weight_bits makes 4-bit (a function of
+    the fused model, whose op names it checks)."""
+    spec = quant.get("weight_bits", 8)
+
+    def qconfigs(fused: nn.Module) -> dict:
+        names = four_bit(spec, fused)
+        if not names:
+            return {}
+        qconfig = qconfig_from_cfg(quant, qat=qat, weight_bits=4)
+        return dict.fromkeys(names, qconfig)
+    return qconfigs
 
 
 class EagerFlow(Flow):
@@ -26,14 +41,16 @@ class EagerFlow(Flow):
 
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
         return prepare_ptq(model, qconfig_from_cfg(quant, qat=False),
-                           float_layers=quant.get("float_layers") or ())
+                           float_layers=quant.get("float_layers") or (),
+                           op_qconfigs=_four_bit_qconfigs(quant, qat=False))
 
     def qat_callback(self, quant: DictConfig, fp32_weights: Path | None,
                      example: Tensor) -> L.Callback:
         return QATCallback(qconfig=qconfig_from_cfg(quant, qat=True), fp32_weights=fp32_weights,
                            freeze_observer_epoch=quant.qat.freeze_observer_epoch,
                            freeze_bn_epoch=quant.qat.freeze_bn_epoch,
-                           float_layers=quant.get("float_layers") or ())
+                           float_layers=quant.get("float_layers") or (),
+                           op_qconfigs=_four_bit_qconfigs(quant, qat=True))
 
     def scale_table(self, prepared: nn.Module) -> list[dict]:
         return scale_table(prepared)
