@@ -149,6 +149,7 @@ def build_rows(found: dict[str, dict], latency: dict[str, dict]) -> list[dict]:
             continue
         lat = latency.get(stage, m.get("latency", {})).get("median_ms")
         row = {"model": stage.upper(), "missing": False, "size_mb": m["size_mb"],
+               "precision": precision(m),
                "accuracy": m["accuracy"], "loss": m["loss"], "latency_ms": lat,
                "latency_p90_ms": latency.get(stage, {}).get("p90_ms"),
                "num_test_images": m["num_test_images"], "backend": m.get("backend")}
@@ -191,7 +192,8 @@ def _plot_tradeoff(ax, rows: list[dict], key: str, label: str) -> None:
     for r in points:
         marker = "*" if r["model"] == "FP32" else "o"
         ax.plot(r[key], r["accuracy"], marker, ms=10 if marker == "*" else 6)
-        ax.annotate(r["model"], (r[key], r["accuracy"]), textcoords="offset points",
+        label = r["model"] + (" (" + r["precision"] + ")" if r.get("precision") else "")
+        ax.annotate(label, (r[key], r["accuracy"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     fp32 = next((r for r in points if r["model"] == "FP32"), None)
     if fp32 is not None:
@@ -302,6 +304,42 @@ def tta_notes(found: dict[str, dict]) -> list[str]:
     return notes
 
 
+def precision(m: dict) -> str | None:
+    """What a stage's INT8 model keeps at other than 8 bits: 4-bit weights, float islands."""
+    int8 = m.get("int8") or {}
+    four = (int8.get("weight_bits") or {}).get("4") or []
+    eight = (int8.get("weight_bits") or {}).get("8") or []
+    islands = int8.get("float_layers") or []
+    parts = []
+    if four:
+        parts.append("4-bit weights" if not eight else f"{len(four)} of {len(four) + len(eight)} "
+                     f"conv/linear ops with 4-bit weights")
+    if islands:
+        parts.append(f"{len(islands)} float op(s)")
+    return ", ".join(parts) or None
+
+
+def precision_notes(found: dict[str, dict]) -> list[str]:
+    """One line per stage that is not plain INT8: its 4-bit ops (size_mb counts their weights
+    as 4 bits, packed two per byte; torch's file holds them in int8) and its float islands."""
+    notes = []
+    for stage, m in found.items():
+        what = precision(m)
+        if what is None:
+            continue
+        int8 = m["int8"]
+        line = f"- {stage}: {what}"
+        if (int8.get("weight_bits") or {}).get("4"):
+            line += (f" ({', '.join(int8['weight_bits']['4'][:6])}"
+                     f"{' ...' if len(int8['weight_bits']['4']) > 6 else ''}); size "
+                     f"{m['size_mb']:.3f} MB with them packed, {m.get('file_mb', m['size_mb']):.3f}"
+                     f" MB as torch stores them")
+        if int8.get("float_layers"):
+            line += f"; in float: {', '.join(int8['float_layers'])}"
+        notes.append(line + ".")
+    return notes
+
+
 def integer_notes(run: Path, found: dict[str, dict]) -> tuple[list[str], dict]:
     """The integer model of each INT8 stage that stage=integer exported: agreement with torch,
     and its C build's flash, RAM and time where integer.emit=c built it."""
@@ -374,6 +412,8 @@ def run_report(cfg: DictConfig) -> dict:
         *((f"Missing: {', '.join(missing)} (not run yet).", "") if missing else ()),
         "Selection and test-time augmentation:", "", *selection_notes(found), *tta_notes(found),
         "",
+        *(("Mixed precision (all other INT8 models: 8-bit weights and activations):", "",
+           *precision_notes(found), "") if precision_notes(found) else ()),
         "## Runtimes", "",
         "Every runtime of every model's artifacts, fastest first; accuracy as the stage measured "
         "it through that runtime on the test split (n/a: not measured there; an FP32 model "
