@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-realdata test-all bench lint gpu-check
+.PHONY: demo test test-slow test-realdata test-cross test-all bench lint gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ demo: $(STAMP)  ## FP32 -> PTQ -> QAT -> report -> integer model, on the offline
 
 test: $(STAMP)  ## fast tests, then the 2-process DDP tests, the slow ones and the real-image ones
 	$(PY) -m pytest -q
-	$(PY) -m pytest -q -m "ddp or slow or realdata"
+	$(PY) -m pytest -q -m "ddp or slow or realdata or cross"
 
 test-slow: $(STAMP)  ## minutes: QAT resume, the testbed (ResNet-20) quantization guard
 	$(PY) -m pytest -q -m slow
@@ -28,7 +28,15 @@ test-slow: $(STAMP)  ## minutes: QAT resume, the testbed (ResNet-20) quantizatio
 test-realdata: $(STAMP)  ## needs ../shared/data/cifar10-jpeg.tar.gz
 	$(PY) -m pytest -q -m realdata
 
-test-all: test test-slow test-realdata
+CROSS_PACKAGES := gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+test-cross: $(STAMP)  ## the C model built for aarch64 (Raspberry Pi, Jetson) and run under qemu; installs both (Debian, root)
+	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    apt-get install -y --no-install-recommends $(CROSS_PACKAGES) >/dev/null; } || \
+	  { echo "test-cross needs aarch64-linux-gnu-gcc and qemu-aarch64: apt-get install $(CROSS_PACKAGES) (as root)"; exit 1; }
+	$(PY) -m pytest -q -m cross
+
+test-all: test test-slow test-realdata test-cross
 
 bench: $(STAMP)  ## speed tables (benchmarks/results/*.json); QUICK=1 for fewer runs
 	$(PY) benchmarks/inference.py $(if $(QUICK),--runs 100 --batch-iters 1 --rounds 3,)

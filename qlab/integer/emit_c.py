@@ -39,6 +39,7 @@ import shutil
 import struct
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -825,6 +826,18 @@ def build_c(cdir: Path, *, cflags: str = CFLAGS, cc: list[str] | None = None,
     return Path(cdir) / output
 
 
+ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv"}
+
+
+def elf_machine(path: Path) -> str:
+    """The instruction set an ELF file is built for (its e_machine), e.g. x86_64 or aarch64."""
+    data = Path(path).read_bytes()[:20]
+    if data[:4] != b"\x7fELF":
+        raise QlabError(f"{path} is not an ELF file.")
+    code = struct.unpack("<H" if data[5] == 1 else ">H", data[18:20])[0]
+    return ELF_MACHINES.get(code, f"e_machine {code}")
+
+
 def elf_section_sizes(obj: Path) -> dict[str, int]:
     """Section name -> size in bytes of an ELF object file (32/64-bit, either byte order)."""
     data = Path(obj).read_bytes()
@@ -867,14 +880,17 @@ def code_bytes(cdir: Path, *, cflags: str = CFLAGS, cc: list[str] | None = None)
     return sum(v for k, v in sizes.items() if k == ".text" or k.startswith(".text."))
 
 
-def run_c(binary: Path, pixels: torch.Tensor | np.ndarray, *, timeout: float = 600) -> np.ndarray:
+def run_c(binary: Path, pixels: torch.Tensor | np.ndarray, *, timeout: float = 600,
+          runner: Sequence[str] = ()) -> np.ndarray:
     """The output codes [N, classes] of a qlab_run build for uint8 pixels [N, C, H, W] (the
-    reference's layout; sent to the program as HWC bytes)."""
+    reference's layout; sent to the program as HWC bytes). `runner` goes before the binary:
+    an emulator such as ["qemu-aarch64"] for a cross-compiled one."""
     x = np.asarray(pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels)
     if x.dtype != np.uint8 or x.ndim != 4:
         raise QlabError(f"run_c takes uint8 pixels [N, C, H, W]; got {x.dtype} {list(x.shape)}.")
     data = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).tobytes()
-    proc = subprocess.run([str(binary)], input=data, capture_output=True, timeout=timeout)
+    proc = subprocess.run([*runner, str(binary)], input=data, capture_output=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise QlabError(f"{binary} failed ({proc.returncode}): "
                         f"{proc.stderr.decode(errors='replace')[-2000:]}")
