@@ -24,6 +24,8 @@ from torch.ao.quantization import convert
 
 from qlab.artifacts import export_program, freeze, save_onnx
 from qlab.bench import measure_latency
+from qlab.data import CIFAR_MEAN as MEAN
+from qlab.data import CIFAR_STD as STD
 from qlab.hardware import (
     check_int8_exact,
     int8_saturates,
@@ -43,7 +45,6 @@ from common import print_table, save
 
 warnings.filterwarnings("ignore")
 NOT_ENGINES = ("-", "onnxruntime")  # rows not run by a torch.backends.quantized engine
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
 def throughput(fn, batch: int, iters: int) -> float:

@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--gemm", default="float32", choices=["float32", "float64"])
     args = ap.parse_args()
 
+    from qlab.data import CIFAR_MEAN, CIFAR_STD
     from qlab.integer.export import to_integer, write_integer
     from qlab.integer.reference import IntegerModel
     from qlab.integer.verify import zero_point_order
@@ -63,7 +64,7 @@ def main() -> None:
     from qlab.quant.qconfig import set_backend
 
     engine = set_backend("auto")
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    mean, std = CIFAR_MEAN, CIFAR_STD
     int8 = build(args.model, engine)
     folder = Path(tempfile.mkdtemp())
     spec, arrays = to_integer(int8, mean=mean, std=std, image_size=32, max_shift=8)

@@ -27,12 +27,13 @@ def child(kind: str, batch: int, calib_batches: int) -> dict:
     from torch.ao.quantization import convert
 
     from qlab.artifacts import freeze, save_torchscript
+    from qlab.data import CIFAR_MEAN, CIFAR_STD
     from qlab.hardware import resolve_precision
     from qlab.models import Deployable, build_resnet50
     from qlab.quant.ptq import calibrate, prepare_ptq
     from qlab.quant.qconfig import build_qconfig, set_backend
 
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    mean, std = CIFAR_MEAN, CIFAR_STD
     torch.manual_seed(0)
     model = build_resnet50()
     out: dict = {}

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from qlab import artifacts
 from qlab.bench import measure_latency
 from qlab.checkpoint import load_fp32_weights
+from qlab.data import CIFAR_MEAN, CIFAR_STD
 from qlab.errors import QlabError
 from qlab.hardware import check_int8_exact, resolve_config
 from qlab.models import Deployable
@@ -45,7 +46,7 @@ def _fp32_eager(run_dir: Path, m: dict) -> torch.nn.Module | None:
     if not weights.is_file() or not m.get("model"):
         return None
     model = instantiate(m["model"], num_classes=len(m["classes"]))
-    mean, std = m.get("mean", (0.4914, 0.4822, 0.4465)), m.get("std", (0.2023, 0.1994, 0.2010))
+    mean, std = m.get("mean", CIFAR_MEAN), m.get("std", CIFAR_STD)
     return Deployable(load_fp32_weights(model, weights), mean, std).eval()
 
 

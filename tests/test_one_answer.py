@@ -14,6 +14,8 @@ import torch.ao.nn.quantized as nnq
 from omegaconf import OmegaConf
 
 from qlab import artifacts
+from qlab.data import CIFAR_MEAN as MEAN
+from qlab.data import CIFAR_STD as STD
 from qlab.hardware import quantized_engine
 from qlab.integer.export import to_integer, write_integer
 from qlab.integer.reference import IntegerModel
@@ -34,7 +36,6 @@ from conftest import ROOT
 # the x86 engines (qnnpack, the ARM engine, rounds its own way: see docs/runtimes.md)
 ENGINES = [e for e in ("fbgemm", "x86", "onednn") if e in torch.backends.quantized.supported_engines]
 QUANT = OmegaConf.load(ROOT / "conf" / "quant" / "po2.yaml")
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
 def test_an_even_zero_point_is_exactly_what_makes_both_orders_agree():
