@@ -28,10 +28,10 @@ def child(kind: str, batch: int, calib_batches: int) -> dict:
 
     from qlab.artifacts import freeze, save_torchscript
     from qlab.data import CIFAR_MEAN, CIFAR_STD
-    from qlab.hardware import resolve_precision
+    from qlab.hardware import quantized_engine, resolve_precision
     from qlab.models import Deployable, build_resnet50
     from qlab.quant.ptq import calibrate, prepare_ptq
-    from qlab.quant.qconfig import build_qconfig, set_backend
+    from qlab.quant.qconfig import build_qconfig
 
     mean, std = CIFAR_MEAN, CIFAR_STD
     torch.manual_seed(0)
@@ -48,35 +48,35 @@ def child(kind: str, batch: int, calib_batches: int) -> dict:
             loss.backward()
             opt.step()
     elif kind == "ptq":
-        set_backend("auto")
-        g = torch.Generator().manual_seed(0)
-        data = [(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g), None)
-                for _ in range(calib_batches)]
-        t = {"start": time.perf_counter()}
-        prepared = prepare_ptq(model, build_qconfig())
-        t["fuse+prepare"] = time.perf_counter()
-        calibrate(prepared, data, batches=calib_batches, mean=mean, std=std)
-        t["calibrate"] = time.perf_counter()
-        int8 = convert(prepared)
-        t["convert"] = time.perf_counter()
-        with tempfile.TemporaryDirectory() as d:
-            scripted = torch.jit.script(Deployable(int8, mean, std).eval())
-            save_torchscript(Path(d) / "m.pt", scripted)
-            freeze(scripted)
-        t["export"] = time.perf_counter()
-        keys = list(t)
-        out["seconds"] = {k: t[k] - t[p] for p, k in zip(keys, keys[1:])}
-        out["seconds"]["total"] = t["export"] - t["start"]
+        with quantized_engine("auto"):
+            g = torch.Generator().manual_seed(0)
+            data = [(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g), None)
+                    for _ in range(calib_batches)]
+            t = {"start": time.perf_counter()}
+            prepared = prepare_ptq(model, build_qconfig())
+            t["fuse+prepare"] = time.perf_counter()
+            calibrate(prepared, data, batches=calib_batches, mean=mean, std=std)
+            t["calibrate"] = time.perf_counter()
+            int8 = convert(prepared)
+            t["convert"] = time.perf_counter()
+            with tempfile.TemporaryDirectory() as d:
+                scripted = torch.jit.script(Deployable(int8, mean, std).eval())
+                save_torchscript(Path(d) / "m.pt", scripted)
+                freeze(scripted)
+            t["export"] = time.perf_counter()
+            keys = list(t)
+            out["seconds"] = {k: t[k] - t[p] for p, k in zip(keys, keys[1:])}
+            out["seconds"]["total"] = t["export"] - t["start"]
     elif kind == "int8_infer":
-        set_backend("auto")
-        prepared = prepare_ptq(model, build_qconfig())
-        calibrate(prepared, [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), None)],
-                  batches=1, mean=mean, std=std)
-        int8 = convert(prepared)
-        del prepared, model
-        with torch.inference_mode():
-            for _ in range(3):
-                int8(torch.randn(batch, 3, 32, 32))
+        with quantized_engine("auto"):
+            prepared = prepare_ptq(model, build_qconfig())
+            calibrate(prepared, [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), None)],
+                      batches=1, mean=mean, std=std)
+            int8 = convert(prepared)
+            del prepared, model
+            with torch.inference_mode():
+                for _ in range(3):
+                    int8(torch.randn(batch, 3, 32, 32))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 

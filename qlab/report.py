@@ -15,9 +15,8 @@ from qlab.bench import measure_latency
 from qlab.checkpoint import load_fp32_weights
 from qlab.data import CIFAR_MEAN, CIFAR_STD
 from qlab.errors import QlabError
-from qlab.hardware import check_int8_exact, resolve_config
+from qlab.hardware import check_int8_exact, quantized_engine, resolve_config
 from qlab.models import Deployable
-from qlab.quant.qconfig import set_backend
 from qlab.runtimes import OnnxRuntime, inductor, load_pt2, load_pt2e
 
 log = logging.getLogger(__name__)
@@ -349,8 +348,8 @@ def run_report(cfg: DictConfig) -> dict:
         raise QlabError(f"Nothing to report under {run}: run `python train.py stage=fp32 "
                         f"name={cfg.name}` (then quantize.py stage=ptq, train.py stage=qat) first.")
     hw = resolve_config(cfg, trains=False)
-    set_backend(cfg.quant.backend)  # INT8 weights are repacked for this engine when loaded
-    latency = remeasure_latency(run, found, cfg)
+    with quantized_engine(cfg.quant.backend):  # INT8 weights are repacked for it when loaded
+        latency = remeasure_latency(run, found, cfg)
     rows = build_rows(found, latency)
     table = markdown_table(rows)
     by_runtime = runtime_rows(found, latency)

@@ -11,7 +11,7 @@ from qlab.models import build_resnet50
 from qlab.quant.observer import _Po2Mixin
 from qlab.quant.ptq import calibrate, prepare_ptq, require_cpu
 from qlab.quant.qat import QATCallback, fake_quant_scales
-from qlab.quant.qconfig import build_qconfig, set_backend
+from qlab.quant.qconfig import build_qconfig
 from qlab.quant.scales import is_power_of_two, scale_table, summarize
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
@@ -38,8 +38,8 @@ def quantized_scales(int8: torch.nn.Module) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_ptq_makes_every_int8_scale_a_power_of_two(per_channel):
-    set_backend("x86")
+def test_ptq_makes_every_int8_scale_a_power_of_two(per_channel, use_engine):
+    use_engine("x86")
     torch.manual_seed(0)
     model = build_resnet50(stem="imagenet").eval()
     fp32 = copy.deepcopy(model)
@@ -87,8 +87,8 @@ def test_quantized_models_refuse_cuda():
     require_cpu("cpu")
 
 
-def test_qat_runs_the_po2_observer_inside_fake_quant():
-    set_backend("x86")
+def test_qat_runs_the_po2_observer_inside_fake_quant(use_engine):
+    use_engine("x86")
     torch.manual_seed(0)
     model = build_resnet50(stem="imagenet")
     cb = QATCallback(qconfig=build_qconfig(qat=True, per_channel=True), fp32_weights=None,
@@ -124,8 +124,8 @@ def test_qat_runs_the_po2_observer_inside_fake_quant():
 
 @pytest.mark.parametrize("kind", ["po2", "torch"])
 @pytest.mark.parametrize("target,limit", [("portable", 64), ("vnni", 128)])
-def test_target_bounds_the_integer_weights(kind, target, limit):
-    set_backend("x86")
+def test_target_bounds_the_integer_weights(kind, target, limit, use_engine):
+    use_engine("x86")
     torch.manual_seed(0)
     prepared = prepare_ptq(build_resnet50(stem="imagenet").eval(),
                            build_qconfig(kind=kind, backend="x86", target=target))
@@ -169,5 +169,3 @@ def test_torch_qconfig_and_unknown_options():
     assert "HistogramObserver" in repr(q.activation())
     with pytest.raises(QlabError, match="quant=po2 or quant=torch"):
         build_qconfig(kind="lsq")
-    with pytest.raises(QlabError, match="not available"):
-        set_backend("tpu")
