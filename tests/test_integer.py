@@ -15,6 +15,7 @@ from torch.ao.quantization import convert, prepare
 
 from qlab.errors import QlabError
 from qlab.hardware import quantized_engine
+from qlab.integer.bias import bias_grid
 from qlab.integer.export import snap_biases, to_integer, write_integer
 from qlab.integer.reference import IntegerModel, shift_round
 from qlab.integer.verify import zero_point_order
@@ -216,6 +217,19 @@ def _export(int8, tmp_path, **load):
     spec, arrays = to_integer(int8, mean=MEAN, std=STD, image_size=32, max_shift=8)
     write_integer(tmp_path, spec, arrays)
     return IntegerModel.load(tmp_path, **load)
+
+
+def test_the_bias_grid_is_s_in_times_s_w_with_ties_to_even():
+    """The one rounding the eager and PT2E flows and the QDQ ONNX rewrite snap biases with."""
+    bias = torch.tensor([0.75, 0.25, -0.25, 1.25, -0.375])  # float32, every value exact
+    codes, step = bias_grid(bias, 0.5, torch.tensor([1.0, 1.0, 0.5, 0.5, 0.25]))  # per channel
+    assert step.dtype == codes.dtype == torch.float64
+    assert step.tolist() == [0.5, 0.5, 0.25, 0.25, 0.125]
+    assert codes.tolist() == [2.0, 0.0, -1.0, 5.0, -3.0]  # 1.5 -> 2 and 0.5 -> 0: ties to even
+    codes, step = bias_grid(bias, torch.tensor(0.25, dtype=torch.float64), 2.0)  # per tensor
+    assert step.shape == bias.shape and set(step.tolist()) == {0.5}
+    assert codes.tolist() == [2.0, 0.0, -0.0, 2.0, -1.0]  # 2.5 -> 2, -0.75 -> -1
+    assert torch.equal(codes * step, torch.tensor([1.0, 0.0, 0.0, 1.0, -0.5], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("build, per_channel", [

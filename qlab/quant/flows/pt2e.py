@@ -21,6 +21,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from qlab import artifacts
 from qlab.errors import QlabError
+from qlab.integer.bias import bias_grid
 from qlab.models import Deployable
 from qlab.quant.flows.base import Flow
 from qlab.quant.observer import _Po2Mixin
@@ -160,8 +161,8 @@ def snap_graph_biases(gm: torch.fx.GraphModule) -> int:
         owner, _, attr = str(bias.target).rpartition(".")
         holder = gm.get_submodule(owner) if owner else gm
         b = getattr(holder, attr)
-        step = s_in * s_w
-        snapped = (torch.round(b.detach().double() / step) * step).to(b.dtype)
+        codes, step = bias_grid(b, s_in, s_w)
+        snapped = (codes * step).to(b.dtype)
         if not torch.equal(snapped, b.detach()):
             with torch.no_grad():
                 b.copy_(snapped)
