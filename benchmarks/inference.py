@@ -21,7 +21,6 @@ from pathlib import Path
 import onnx
 import torch
 from omegaconf import OmegaConf
-from torch.ao.quantization import convert
 
 from qlab.artifacts import export_program, freeze, save_onnx
 from qlab.bench import measure_latency
@@ -38,7 +37,7 @@ from qlab.hardware import (
 from qlab.models import build_resnet50
 from qlab.quant.flows import get_flow
 from qlab.quant.onnx_qdq import int32_biases
-from qlab.quant.ptq import calibrate, prepare_ptq
+from qlab.quant.ptq import calibrate, convert_int8, quantize_ptq
 from qlab.quant.qat import QATCallback
 from qlab.quant.qconfig import build_qconfig
 from qlab.runtimes import OnnxRuntime, inductor
@@ -96,15 +95,15 @@ def flow_int8(flow_name: str, fp32: torch.nn.Module) -> torch.nn.Module:
 def int8_models(stem: str, engine: str, fp32: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """PTQ (calibrated on random images) and QAT (one fake-quant step) INT8 copies for `engine`
     (the engine set by the caller)."""
-    batches = calibration_batches()
-    ptq = prepare_ptq(copy.deepcopy(fp32), build_qconfig(backend=engine))
-    calibrate(ptq, batches, batches=4, mean=MEAN, std=STD)
+    example = torch.zeros(1, 3, 32, 32)
+    ptq = quantize_ptq(copy.deepcopy(fp32), build_qconfig(backend=engine), calibration_batches(),
+                       batches=4, mean=MEAN, std=STD, example=example)
     qat_model = copy.deepcopy(fp32)
     QATCallback(qconfig=build_qconfig(backend=engine, qat=True), fp32_weights=None,
                 freeze_observer_epoch=9, freeze_bn_epoch=9).setup(None, type("M", (), {
                     "model": qat_model})(), "fit")
     qat_model(torch.randn(32, 3, 32, 32))  # one observed step sets the fake-quant scales
-    models = {"ptq": convert(ptq.eval()), "qat": convert(qat_model.eval())}
+    models = {"ptq": ptq, "qat": convert_int8(qat_model, example)}
     for name, int8 in models.items():  # refuse to time a model whose outputs would be wrong here
         check_int8_exact(quantized_weight_max(int8), engine, f"{stem} {name} on {engine}")
     return models

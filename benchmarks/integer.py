@@ -23,29 +23,22 @@ from common import print_table, save
 warnings.filterwarnings("ignore")
 
 
-def build(name: str, engine: str):
-    from torch.ao.quantization import convert, prepare
-
-    from qlab.integer.export import snap_biases
+def build(name: str, engine: str, mean, std):
     from qlab.models import (
         build_mobilenet_v2,
         build_resnet20,
         build_resnet50,
         randomize_batchnorm,
     )
+    from qlab.quant.ptq import quantize_ptq
     from qlab.quant.qconfig import build_qconfig
 
     torch.manual_seed(0)
     model = randomize_batchnorm({"resnet50": build_resnet50, "resnet20": build_resnet20,
                                  "mobilenet_v2": build_mobilenet_v2}[name](num_classes=10).eval())
-    model.fuse_model(is_qat=False)
-    model.qconfig = build_qconfig(backend=engine)
-    prepare(model, inplace=True)
-    with torch.inference_mode():
-        model(torch.randn(64, 3, 32, 32))
-    int8 = convert(model)
-    snap_biases(int8, torch.zeros(1, 3, 32, 32))
-    return int8
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    return quantize_ptq(model, build_qconfig(backend=engine), [(images, None)], batches=1,
+                        mean=mean, std=std, example=torch.zeros(1, 3, 32, 32))
 
 
 def main() -> None:
@@ -65,7 +58,7 @@ def main() -> None:
 
     with quantized_engine("auto") as engine:
         mean, std = CIFAR_MEAN, CIFAR_STD
-        int8 = build(args.model, engine)
+        int8 = build(args.model, engine, mean, std)
         folder = Path(tempfile.mkdtemp())
         spec, arrays = to_integer(int8, mean=mean, std=std, image_size=32, max_shift=8)
         write_integer(folder, spec, arrays)

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.ao.quantization import convert, prepare
+from torch.ao.quantization import convert
 
 from qlab import artifacts
 from qlab.errors import QlabError, first_line
@@ -25,8 +25,7 @@ from qlab.integer.verify import (
     verify,
     zero_point_order,
 )
-from qlab.quant.mixed import make_float_islands
-from qlab.quant.ptq import qconfig_from_cfg
+from qlab.quant.ptq import prepare_ptq, qconfig_from_cfg
 from qlab.stages.common import build_datamodule, output_dir
 
 log = logging.getLogger(__name__)
@@ -36,12 +35,11 @@ def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
     """The converted eager INT8 model of a stage: its architecture, fused, prepared and converted
     on the current engine, then its saved state_dict (weights, biases, scales) loaded."""
     model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
-    model.eval().fuse_model(is_qat=False)
-    make_float_islands(model, metrics.get("quant", {}).get("float_layers") or ())
-    model.qconfig = qconfig_from_cfg(OmegaConf.create(metrics["quant"]), qat=False)
     with warnings.catch_warnings():  # observers that never ran: their qparams are overwritten
         warnings.simplefilter("ignore")
-        int8 = convert(prepare(model), inplace=False)
+        prepared = prepare_ptq(model, qconfig_from_cfg(OmegaConf.create(metrics["quant"]), qat=False),
+                               metrics["quant"].get("float_layers") or ())
+        int8 = convert(prepared, inplace=False)
     path = stage_dir / "model_int8_state_dict.pt"
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)

@@ -3,20 +3,17 @@ qconfig, convert to quantized modules run by fbgemm/x86/onednn/qnnpack, TorchScr
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.ao.quantization import convert
 
 from qlab import artifacts
 from qlab.hardware import quantized_weight_max
-from qlab.integer.export import snap_biases
 from qlab.quant.flows.base import Flow
-from qlab.quant.ptq import prepare_ptq, qconfig_from_cfg
+from qlab.quant.ptq import convert_int8, prepare_ptq, qconfig_from_cfg
 from qlab.quant.qat import QATCallback
 from qlab.quant.scales import scale_table
 
@@ -39,11 +36,7 @@ class EagerFlow(Flow):
         return scale_table(prepared)
 
     def convert(self, prepared: nn.Module, example: Tensor) -> nn.Module:
-        int8 = convert(copy.deepcopy(prepared).cpu().eval(), inplace=False)
-        # biases on the int32 accumulator grid: what integer hardware adds, and what makes
-        # torch's model compute exactly the shift-requantized integer model (stage=integer)
-        snap_biases(int8, example)
-        return int8
+        return convert_int8(prepared, example)
 
     def weight_max(self, int8: nn.Module) -> int:
         return quantized_weight_max(int8)
