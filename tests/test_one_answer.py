@@ -252,12 +252,13 @@ def test_pt2e_int8_gives_one_answer_in_every_runtime(tmp_path, build, per_channe
     from qlab.runtimes import load_pt2
 
     flow, int8 = _calibrated("pt2e", build, per_channel)
-    deployed = flow.export(int8, MEAN, STD, tmp_path, meta={}, example=torch.zeros(1, 3, 32, 32))
+    exported = flow.export(int8, MEAN, STD, tmp_path, meta={}, example=torch.zeros(1, 3, 32, 32))
     x = _pixels(256).float() / 255
     with torch.inference_mode():
         want = Deployable(int8, MEAN, STD).eval()(x)
-        got = {"onnxruntime": deployed(x), "torch.export": load_pt2(tmp_path / "model_int8.pt2")(x),
-               "inductor": flow.runtimes(tmp_path)["inductor"](x)}
+        got = {"onnxruntime": exported.deployable(x),
+               "torch.export": load_pt2(tmp_path / "model_int8.pt2")(x),
+               "inductor": exported.runtimes["inductor"](x)}
     for runtime, logits in got.items():
         identical = (logits == want).all(1).float().mean().item()
         assert identical == 1.0, (runtime, identical)

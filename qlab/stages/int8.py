@@ -60,14 +60,15 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
     result = evaluate(int8, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
                       std=dm.std, label_smoothing=cfg.module.label_smoothing, tta=cfg.module.tta)
     size_mb = artifacts.save_state_dict(out / "model_int8_state_dict.pt", int8)
-    deployable = flow.export(int8, dm.mean, dm.std, out,
-                             meta=record | {"hardware": extra.get("hardware", {})},
-                             example=example_input(dm))
-    record |= flow.export_info
-    latency = measure_latency(deployable, **bench_args(cfg, dm))
+    exported = flow.export(int8, dm.mean, dm.std, out,
+                           meta=record | {"hardware": extra.get("hardware", {})},
+                           example=example_input(dm))
+    record |= exported.info
+    latency = measure_latency(exported.deployable, **bench_args(cfg, dm))
     # the same test split through every other runtime of the artifacts (fed [0,1] images),
     # and through the deployed form when it is not the converted model itself
-    others = flow.runtimes(out) | ({flow.deployed_form: deployable} if flow.deployed_form else {})
+    others = exported.runtimes | (
+        {flow.deployed_form: exported.deployable} if flow.deployed_form else {})
     runtimes = evaluate_runtimes(others, dm, cfg)
     title = f"{stage.upper()} INT8 test ({result['accuracy']:.2f}%)"
     confmat = result.pop("confmat")

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from qlab import artifacts
 from qlab.hardware import quantized_weight_max
-from qlab.quant.flows.base import Flow
+from qlab.quant.flows.base import Exported, Flow
 from qlab.quant.ptq import convert_int8, prepare_ptq, qconfig_from_cfg
 from qlab.quant.qat import QATCallback
 from qlab.quant.scales import scale_table
@@ -42,7 +42,7 @@ class EagerFlow(Flow):
         return quantized_weight_max(int8)
 
     def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
-               meta: dict, example: Tensor) -> nn.Module:
+               meta: dict, example: Tensor) -> Exported:
         scripted = artifacts.torchscript_of(int8, mean, std)
         artifacts.save_torchscript(out / "model_int8.pt", scripted, meta=meta)
-        return scripted
+        return Exported(scripted)
