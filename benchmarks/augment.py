@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from qlab.augment import TrainAugment
+from qlab.data import CIFAR_MEAN as MEAN
+from qlab.data import CIFAR_STD as STD
 from qlab.data import synthetic_split
 
 from common import print_table, save
 
 warnings.filterwarnings("ignore")
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 REFERENCE = T.Compose([
     T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ColorJitter(0.3, 0.3, 0.3, 0.1),

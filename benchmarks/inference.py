@@ -10,6 +10,7 @@ python benchmarks/inference.py [--runs 1000] [--batch-iters 3] [--stems cifar,im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import tempfile
@@ -20,30 +21,31 @@ from pathlib import Path
 import onnx
 import torch
 from omegaconf import OmegaConf
-from torch.ao.quantization import convert
 
 from qlab.artifacts import export_program, freeze, save_onnx
 from qlab.bench import measure_latency
+from qlab.data import CIFAR_MEAN as MEAN
+from qlab.data import CIFAR_STD as STD
 from qlab.hardware import (
     check_int8_exact,
     int8_saturates,
     native_cpu_bf16,
+    quantized_engine,
     quantized_weight_max,
     resolve_engine,
 )
 from qlab.models import build_resnet50
 from qlab.quant.flows import get_flow
 from qlab.quant.onnx_qdq import int32_biases
-from qlab.quant.ptq import calibrate, prepare_ptq
+from qlab.quant.ptq import calibrate, convert_int8, quantize_ptq
 from qlab.quant.qat import QATCallback
-from qlab.quant.qconfig import build_qconfig, set_backend
+from qlab.quant.qconfig import build_qconfig
 from qlab.runtimes import OnnxRuntime, inductor
 
 from common import print_table, save
 
 warnings.filterwarnings("ignore")
 NOT_ENGINES = ("-", "onnxruntime")  # rows not run by a torch.backends.quantized engine
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
 def throughput(fn, batch: int, iters: int) -> float:
@@ -91,17 +93,17 @@ def flow_int8(flow_name: str, fp32: torch.nn.Module) -> torch.nn.Module:
 
 
 def int8_models(stem: str, engine: str, fp32: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """PTQ (calibrated on random images) and QAT (one fake-quant step) INT8 copies for `engine`."""
-    set_backend(engine)
-    batches = calibration_batches()
-    ptq = prepare_ptq(copy.deepcopy(fp32), build_qconfig(backend=engine))
-    calibrate(ptq, batches, batches=4, mean=MEAN, std=STD)
+    """PTQ (calibrated on random images) and QAT (one fake-quant step) INT8 copies for `engine`
+    (the engine set by the caller)."""
+    example = torch.zeros(1, 3, 32, 32)
+    ptq = quantize_ptq(copy.deepcopy(fp32), build_qconfig(backend=engine), calibration_batches(),
+                       batches=4, mean=MEAN, std=STD, example=example)
     qat_model = copy.deepcopy(fp32)
     QATCallback(qconfig=build_qconfig(backend=engine, qat=True), fp32_weights=None,
                 freeze_observer_epoch=9, freeze_bn_epoch=9).setup(None, type("M", (), {
                     "model": qat_model})(), "fit")
     qat_model(torch.randn(32, 3, 32, 32))  # one observed step sets the fake-quant scales
-    models = {"ptq": convert(ptq.eval()), "qat": convert(qat_model.eval())}
+    models = {"ptq": ptq, "qat": convert_int8(qat_model, example)}
     for name, int8 in models.items():  # refuse to time a model whose outputs would be wrong here
         check_int8_exact(quantized_weight_max(int8), engine, f"{stem} {name} on {engine}")
     return models
@@ -118,9 +120,8 @@ def race_runtimes(stem: str, contenders: dict[str, tuple], args) -> dict:
     times: dict[str, list[float]] = {label: [] for label in contenders}
     for _ in range(args.rounds):
         for label, (model, engine) in contenders.items():
-            if engine is not None:
-                set_backend(engine)
-            times[label].append(measure_latency(model, runs=args.runs, warmup=args.warmup)["median_ms"])
+            with quantized_engine(engine) if engine is not None else contextlib.nullcontext():
+                times[label].append(measure_latency(model, runs=args.runs, warmup=args.warmup)["median_ms"])
     medians = {label: statistics.median(t) for label, t in times.items()}
     fastest = {kind: min((lb for lb in medians if lb.startswith(kind)), key=medians.get)
                for kind in ("fp32", "ptq")}
@@ -176,13 +177,14 @@ def bench_stem(stem: str, args, rows: list, results: list, race: list) -> None:
         record("ptq", "pt2e-onnxruntime", "onnxruntime", onnx_session(pt2e, int8=True), ref=pt2e)
         record("ptq", "ort-quantize_static", "onnxruntime", flow_int8("ort", fp32))
     for engine in args.engines:
-        models = int8_models(stem, engine, fp32)
-        for name, int8 in models.items():
-            if name == "qat" and not args.qat_all_forms and engine != args.engines[0]:
-                continue
-            record(name, "eager", engine, int8)
-            frozen = script_frozen(copy.deepcopy(int8))
-            record(name, "torchscript-frozen", engine, frozen, ref=int8)
+        with quantized_engine(engine):
+            models = int8_models(stem, engine, fp32)
+            for name, int8 in models.items():
+                if name == "qat" and not args.qat_all_forms and engine != args.engines[0]:
+                    continue
+                record(name, "eager", engine, int8)
+                frozen = script_frozen(copy.deepcopy(int8))
+                record(name, "torchscript-frozen", engine, frozen, ref=int8)
     if args.rounds > 1:
         race.append(race_runtimes(stem, contenders, args))
     best_fp32 = min(r["median_ms"] for r in results if r["stem"] == stem and r["model"] == "fp32")

@@ -23,29 +23,22 @@ from common import print_table, save
 warnings.filterwarnings("ignore")
 
 
-def build(name: str, engine: str):
-    from torch.ao.quantization import convert, prepare
-
-    from qlab.integer.export import snap_biases
+def build(name: str, engine: str, mean, std):
     from qlab.models import (
         build_mobilenet_v2,
         build_resnet20,
         build_resnet50,
         randomize_batchnorm,
     )
+    from qlab.quant.ptq import quantize_ptq
     from qlab.quant.qconfig import build_qconfig
 
     torch.manual_seed(0)
     model = randomize_batchnorm({"resnet50": build_resnet50, "resnet20": build_resnet20,
                                  "mobilenet_v2": build_mobilenet_v2}[name](num_classes=10).eval())
-    model.fuse_model(is_qat=False)
-    model.qconfig = build_qconfig(backend=engine)
-    prepare(model, inplace=True)
-    with torch.inference_mode():
-        model(torch.randn(64, 3, 32, 32))
-    int8 = convert(model)
-    snap_biases(int8, torch.zeros(1, 3, 32, 32))
-    return int8
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    return quantize_ptq(model, build_qconfig(backend=engine), [(images, None)], batches=1,
+                        mean=mean, std=std, example=torch.zeros(1, 3, 32, 32))
 
 
 def main() -> None:
@@ -56,47 +49,48 @@ def main() -> None:
     ap.add_argument("--gemm", default="float32", choices=["float32", "float64"])
     args = ap.parse_args()
 
+    from qlab.data import CIFAR_MEAN, CIFAR_STD
+    from qlab.hardware import quantized_engine
     from qlab.integer.export import to_integer, write_integer
     from qlab.integer.reference import IntegerModel
     from qlab.integer.verify import zero_point_order
     from qlab.models import Normalize
-    from qlab.quant.qconfig import set_backend
 
-    engine = set_backend("auto")
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-    int8 = build(args.model, engine)
-    folder = Path(tempfile.mkdtemp())
-    spec, arrays = to_integer(int8, mean=mean, std=std, image_size=32, max_shift=8)
-    write_integer(folder, spec, arrays)
-    ref = IntegerModel.load(folder, gemm=args.gemm, zero_point=zero_point_order(engine))
-    normalize = Normalize(mean, std)
-    g = torch.Generator().manual_seed(1)
-    ref_s = torch_s = 0.0
-    same = 0
-    for start in range(0, args.images, args.batch):
-        n = min(args.batch, args.images - start)
-        pixels = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-        t0 = time.perf_counter()
-        codes, _ = ref.run(pixels)
-        ref_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            theirs = int8(normalize(pixels.float().div_(255.0))).double()
-        torch_s += time.perf_counter() - t0
-        same += int((ref.dequantize(codes) == theirs).all(1).sum())
-        print(f"\r{start + n}/{args.images} images, reference {ref_s:.1f} s", end="", flush=True)
-    print()
-    row = {"model": args.model, "gemm": args.gemm, "engine": engine, "images": args.images,
-           "reference_s": ref_s, "reference_img_per_s": args.images / ref_s,
-           "seconds_per_10k": 10000 * ref_s / args.images, "torch_int8_s": torch_s,
-           "identical_fraction": same / args.images,
-           "max_acc_bits": max(ref.acc_bits().values())}
-    print_table("Integer reference vs torch INT8 (random images)",
-                ["model", "gemm", "images", "reference s", "img/s", "s per 10k", "torch s",
-                 "identical"],
-                [[row["model"], row["gemm"], row["images"], row["reference_s"],
-                  row["reference_img_per_s"], row["seconds_per_10k"], row["torch_int8_s"],
-                  row["identical_fraction"]]])
+    with quantized_engine("auto") as engine:
+        mean, std = CIFAR_MEAN, CIFAR_STD
+        int8 = build(args.model, engine, mean, std)
+        folder = Path(tempfile.mkdtemp())
+        spec, arrays = to_integer(int8, mean=mean, std=std, image_size=32, max_shift=8)
+        write_integer(folder, spec, arrays)
+        ref = IntegerModel.load(folder, gemm=args.gemm, zero_point=zero_point_order(engine))
+        normalize = Normalize(mean, std)
+        g = torch.Generator().manual_seed(1)
+        ref_s = torch_s = 0.0
+        same = 0
+        for start in range(0, args.images, args.batch):
+            n = min(args.batch, args.images - start)
+            pixels = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+            t0 = time.perf_counter()
+            codes, _ = ref.run(pixels)
+            ref_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                theirs = int8(normalize(pixels.float().div_(255.0))).double()
+            torch_s += time.perf_counter() - t0
+            same += int((ref.dequantize(codes) == theirs).all(1).sum())
+            print(f"\r{start + n}/{args.images} images, reference {ref_s:.1f} s", end="", flush=True)
+        print()
+        row = {"model": args.model, "gemm": args.gemm, "engine": engine, "images": args.images,
+               "reference_s": ref_s, "reference_img_per_s": args.images / ref_s,
+               "seconds_per_10k": 10000 * ref_s / args.images, "torch_int8_s": torch_s,
+               "identical_fraction": same / args.images,
+               "max_acc_bits": max(ref.acc_bits().values())}
+        print_table("Integer reference vs torch INT8 (random images)",
+                    ["model", "gemm", "images", "reference s", "img/s", "s per 10k", "torch s",
+                     "identical"],
+                    [[row["model"], row["gemm"], row["images"], row["reference_s"],
+                      row["reference_img_per_s"], row["seconds_per_10k"], row["torch_int8_s"],
+                      row["identical_fraction"]]])
     save(f"integer_{args.model}_{args.gemm}", {"rows": [row]})
 
 

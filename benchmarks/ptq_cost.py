@@ -24,15 +24,15 @@ warnings.filterwarnings("ignore")
 def child(kind: str, batch: int, calib_batches: int) -> dict:
     """Runs in its own process so that ru_maxrss is this job's peak alone."""
     import torch
-    from torch.ao.quantization import convert
 
     from qlab.artifacts import freeze, save_torchscript
-    from qlab.hardware import resolve_precision
+    from qlab.data import CIFAR_MEAN, CIFAR_STD
+    from qlab.hardware import quantized_engine, resolve_precision
     from qlab.models import Deployable, build_resnet50
-    from qlab.quant.ptq import calibrate, prepare_ptq
-    from qlab.quant.qconfig import build_qconfig, set_backend
+    from qlab.quant.ptq import quantize_ptq
+    from qlab.quant.qconfig import build_qconfig
 
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    mean, std = CIFAR_MEAN, CIFAR_STD
     torch.manual_seed(0)
     model = build_resnet50()
     out: dict = {}
@@ -47,35 +47,31 @@ def child(kind: str, batch: int, calib_batches: int) -> dict:
             loss.backward()
             opt.step()
     elif kind == "ptq":
-        set_backend("auto")
-        g = torch.Generator().manual_seed(0)
-        data = [(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g), None)
-                for _ in range(calib_batches)]
-        t = {"start": time.perf_counter()}
-        prepared = prepare_ptq(model, build_qconfig())
-        t["fuse+prepare"] = time.perf_counter()
-        calibrate(prepared, data, batches=calib_batches, mean=mean, std=std)
-        t["calibrate"] = time.perf_counter()
-        int8 = convert(prepared)
-        t["convert"] = time.perf_counter()
-        with tempfile.TemporaryDirectory() as d:
-            scripted = torch.jit.script(Deployable(int8, mean, std).eval())
-            save_torchscript(Path(d) / "m.pt", scripted)
-            freeze(scripted)
-        t["export"] = time.perf_counter()
-        keys = list(t)
-        out["seconds"] = {k: t[k] - t[p] for p, k in zip(keys, keys[1:])}
-        out["seconds"]["total"] = t["export"] - t["start"]
+        with quantized_engine("auto"):
+            g = torch.Generator().manual_seed(0)
+            data = [(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g), None)
+                    for _ in range(calib_batches)]
+            t = {"start": time.perf_counter()}  # then fuse+prepare, calibrate, convert (+ snap)
+            int8 = quantize_ptq(model, build_qconfig(), data, batches=calib_batches, mean=mean,
+                                std=std, example=torch.zeros(1, 3, 32, 32),
+                                on_step=lambda step: t.__setitem__(step, time.perf_counter()))
+            with tempfile.TemporaryDirectory() as d:
+                scripted = torch.jit.script(Deployable(int8, mean, std).eval())
+                save_torchscript(Path(d) / "m.pt", scripted)
+                freeze(scripted)
+            t["export"] = time.perf_counter()
+            keys = list(t)
+            out["seconds"] = {k: t[k] - t[p] for p, k in zip(keys, keys[1:])}
+            out["seconds"]["total"] = t["export"] - t["start"]
     elif kind == "int8_infer":
-        set_backend("auto")
-        prepared = prepare_ptq(model, build_qconfig())
-        calibrate(prepared, [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), None)],
-                  batches=1, mean=mean, std=std)
-        int8 = convert(prepared)
-        del prepared, model
-        with torch.inference_mode():
-            for _ in range(3):
-                int8(torch.randn(batch, 3, 32, 32))
+        with quantized_engine("auto"):
+            int8 = quantize_ptq(model, build_qconfig(),
+                                [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), None)],
+                                batches=1, mean=mean, std=std, example=torch.zeros(1, 3, 32, 32))
+            del model
+            with torch.inference_mode():
+                for _ in range(3):
+                    int8(torch.randn(batch, 3, 32, 32))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 

@@ -20,6 +20,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from qlab.augment import TrainAugment, mixup
+from qlab.data import CIFAR_MEAN as MEAN
+from qlab.data import CIFAR_STD as STD
 from qlab.data import synthetic_split
 from qlab.hardware import native_cpu_bf16, resolve_precision
 from qlab.models import build_mobilenet_v2, build_resnet18, build_resnet20, build_resnet50
@@ -30,7 +32,6 @@ from qlab.quant.qconfig import build_qconfig
 from common import print_table, save
 
 warnings.filterwarnings("ignore")
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
 class StepClock(L.Callback):

@@ -15,6 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from qlab.errors import QlabError
 
 SOURCES = ("cifar10", "folder", "synthetic")
+# CIFAR-10's per-channel pixel mean and std on [0, 1]: the normalization of every model here
+# (conf/data/cifar10.yaml sets the same values, tests/test_data.py checks they agree)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 Split = tuple[Tensor, Tensor]  # images uint8 [N, 3, H, W], labels int64 [N]
 
@@ -162,8 +166,8 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | None = None,
-        mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465),
-        std: tuple[float, ...] = (0.2023, 0.1994, 0.2010),
+        mean: tuple[float, ...] = CIFAR_MEAN,
+        std: tuple[float, ...] = CIFAR_STD,
     ) -> None:
         super().__init__()
         if source not in SOURCES:

@@ -27,7 +27,14 @@ from qlab.errors import QlabError
 
 @contextmanager
 def quantized_engine(engine: str) -> Iterator[str]:
-    """torch.backends.quantized.engine set to `engine` inside the block, restored after it."""
+    """torch.backends.quantized.engine set to `engine` inside the block, restored after it: the
+    one place qlab sets the engine. `auto` picks one (resolve_engine); one this torch build
+    lacks is refused. Yields the engine set."""
+    engine = resolve_engine(engine)
+    supported = [e for e in _engines() if e != "none"]
+    if engine not in supported:
+        raise QlabError(f"quant.backend={engine!r} is not available in this torch build; "
+                        f"use one of {', '.join(supported)}.")
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:

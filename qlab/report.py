@@ -7,46 +7,18 @@ import logging
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from qlab import artifacts
 from qlab.bench import measure_latency
-from qlab.checkpoint import load_fp32_weights
 from qlab.errors import QlabError
-from qlab.hardware import check_int8_exact, resolve_config
-from qlab.models import Deployable
-from qlab.quant.qconfig import set_backend
-from qlab.runtimes import OnnxRuntime, inductor, load_pt2, load_pt2e
+from qlab.hardware import quantized_engine, resolve_config
+from qlab.runtimes import StageFiles, load_runtimes
 
 log = logging.getLogger(__name__)
 STAGES = ("fp32", "ptq", "qat")
-MODEL_FILE = {"fp32": "model_fp32.pt", "ptq": "model_int8.pt", "qat": "model_int8.pt"}
 HEADER = ("Model", "Size (MB)", "Compression", "Accuracy (%)", "Loss", "Accuracy drop (pt)",
           "Latency (ms)", "Speedup")
-
-
-def _load_scripted(path: Path, engine: str) -> torch.jit.ScriptModule:
-    """The exported model, refused if its INT8 results would be wrong on this CPU's kernels."""
-    module, meta = artifacts.load_torchscript(path)
-    # files from before the metadata existed: assume the full int8 weight range
-    weight_max = meta.get("weight_max", 127 if path.name == "model_int8.pt" else 0)
-    check_int8_exact(weight_max, engine, str(path))
-    try:
-        return artifacts.freeze(module)
-    except RuntimeError:  # exported frozen already
-        return module
-
-
-def _fp32_eager(run_dir: Path, m: dict) -> torch.nn.Module | None:
-    """The FP32 model as plain eager PyTorch, rebuilt from its config and state_dict."""
-
-    weights = run_dir / "model_fp32_state_dict.pt"
-    if not weights.is_file() or not m.get("model"):
-        return None
-    model = instantiate(m["model"], num_classes=len(m["classes"]))
-    mean, std = m.get("mean", (0.4914, 0.4822, 0.4465)), m.get("std", (0.2023, 0.1994, 0.2010))
-    return Deployable(load_fp32_weights(model, weights), mean, std).eval()
 
 
 def _own_forms(m: dict) -> tuple[str, ...]:
@@ -66,38 +38,6 @@ def form_accuracy(m: dict, form: str) -> float | None:
     return m["accuracy"] if form in _own_forms(m) else None
 
 
-def _runtimes_of(folder: Path, m: dict, cfg: DictConfig) -> dict[str, object]:
-    """Every runtime of the artifacts in one stage folder, loaded (compiled for inductor)."""
-    kind = "fp32" if m["stage"] == "fp32" else "int8"
-    size = _image_size(m)
-    runs = {}
-    path = folder / MODEL_FILE[m["stage"]]
-    if path.is_file():
-        runs["torchscript-frozen"] = _load_scripted(path, cfg.quant.backend)
-    eager = _fp32_eager(folder, m) if m["stage"] == "fp32" else None
-    if eager is not None:
-        runs["eager"] = eager
-    if (pt2 := folder / f"model_{kind}.pt2").is_file():
-        try:
-            runs["torch.export"] = load_pt2(pt2)
-        except RuntimeError as e:  # e.g. a q/dq program written before .pt2 files were portable
-            log.warning("Skipping %s: plain torch cannot load it (%s); re-run its stage to "
-                        "rewrite it.", pt2, str(e).splitlines()[0])
-    if cfg.bench.inductor:
-        # FP32: the eager model compiled; INT8: the convert_pt2e graph, lowered to int8 kernels
-        if kind == "fp32":
-            source = eager if eager is not None else runs.get("torch.export")
-        elif (qdq := folder / "model_int8_pt2e.pt2").is_file():
-            source = load_pt2e(qdq)
-        else:
-            source = None
-        if source is not None:
-            runs["inductor"] = inductor(source, size)
-    if (onnx := folder / f"model_{kind}.onnx").is_file():
-        runs["onnxruntime"] = OnnxRuntime(onnx)
-    return runs
-
-
 def remeasure_latency(run: Path, found: dict[str, dict], cfg: DictConfig) -> dict[str, dict]:
     """Every runtime of every stage's artifacts in this one process, same threads, same input,
     same runs: eager, frozen TorchScript, torch.export (.pt2), inductor (torch.compile) and ONNX
@@ -106,7 +46,8 @@ def remeasure_latency(run: Path, found: dict[str, dict], cfg: DictConfig) -> dic
     bench = {"runs": cfg.bench.runs, "warmup": cfg.bench.warmup, "threads": cfg.bench.threads}
     for stage, m in found.items():
         forms = {form: measure_latency(model, **bench, image_size=_image_size(m))
-                 for form, model in _runtimes_of(run / stage, m, cfg).items()}
+                 for form, model in load_runtimes(StageFiles(
+                     run / stage, m, engine=cfg.quant.backend, compile=cfg.bench.inductor)).items()}
         if forms:
             best = min(forms, key=lambda f: forms[f]["median_ms"])
             out[stage] = forms[best] | {"form": best, "forms": forms}
@@ -386,8 +327,8 @@ def run_report(cfg: DictConfig) -> dict:
         raise QlabError(f"Nothing to report under {run}: run `python train.py stage=fp32 "
                         f"name={cfg.name}` (then quantize.py stage=ptq, train.py stage=qat) first.")
     hw = resolve_config(cfg, trains=False)
-    set_backend(cfg.quant.backend)  # INT8 weights are repacked for this engine when loaded
-    latency = remeasure_latency(run, found, cfg)
+    with quantized_engine(cfg.quant.backend):  # INT8 weights are repacked for it when loaded
+        latency = remeasure_latency(run, found, cfg)
     rows = build_rows(found, latency)
     table = markdown_table(rows)
     by_runtime = runtime_rows(found, latency)

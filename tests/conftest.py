@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from qlab.hardware import quantized_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,10 +59,22 @@ def _cpu_threads():
     yield
 
 
+@pytest.fixture
+def use_engine():
+    """use_engine(name): the quantized engine for the rest of the test, set through
+    qlab.hardware.quantized_engine (auto and unknown names as there), restored when it ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda engine: stack.enter_context(quantized_engine(engine))
+
+
 @pytest.fixture(autouse=True)
-def _restore_quantized_engine():
-    """Tests that pick a quantized engine (set_backend, test_integer's _int8) leave the next test
-    the engine it would have had."""
+def _engine_left_as_found():
+    """Every test sets the quantized engine through quantized_engine (or use_engine), which puts
+    it back: one that leaves it changed fails here, and the next test still gets the old one."""
     engine = torch.backends.quantized.engine
-    yield
-    torch.backends.quantized.engine = engine
+    with quantized_engine(engine):
+        yield
+        left = torch.backends.quantized.engine
+    assert left == engine, (f"the test left torch.backends.quantized.engine={left!r} (it was "
+                            f"{engine!r}): set it with the use_engine fixture or "
+                            f"qlab.hardware.quantized_engine")

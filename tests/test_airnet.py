@@ -121,12 +121,12 @@ def test_lookahead_pulls_weights_to_a_slow_average_and_ends_on_it():
         Lookahead(every=0)
 
 
-def test_lookahead_leaves_fake_quant_scales_alone():
+def test_lookahead_leaves_fake_quant_scales_alone(use_engine):
     from qlab.callbacks import _averaged
     from qlab.quant.qat import QATCallback
-    from qlab.quant.qconfig import build_qconfig, set_backend
+    from qlab.quant.qconfig import build_qconfig
 
-    set_backend("x86")
+    use_engine("x86")
     model = build_airnet()
     QATCallback(qconfig=build_qconfig(qat=True), fp32_weights=None, freeze_observer_epoch=9,
                 freeze_bn_epoch=9).setup(None, SimpleNamespace(model=model), "fit")

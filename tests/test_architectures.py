@@ -11,7 +11,7 @@ from torch.ao.quantization import FakeQuantize, convert
 from qlab.models import CIFAR_MOBILENET_V2, build_mobilenet_v2, build_resnet18, build_resnet20
 from qlab.quant.ptq import calibrate, prepare_ptq
 from qlab.quant.qat import QATCallback, fake_quant_scales
-from qlab.quant.qconfig import build_qconfig, set_backend
+from qlab.quant.qconfig import build_qconfig
 from qlab.quant.scales import is_power_of_two
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
@@ -47,8 +47,8 @@ def test_state_dict_size(name, tmp_path):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("name", MODELS)
-def test_ptq_gives_power_of_two_scales(name, per_channel):
-    set_backend("x86")
+def test_ptq_gives_power_of_two_scales(name, per_channel, use_engine):
+    use_engine("x86")
     torch.manual_seed(0)
     model = MODELS[name][0]().eval()
     prepared = prepare_ptq(model, build_qconfig(backend="x86", per_channel=per_channel))
@@ -63,8 +63,8 @@ def test_ptq_gives_power_of_two_scales(name, per_channel):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_qat_runs_po2_fake_quant(name):
-    set_backend("x86")
+def test_qat_runs_po2_fake_quant(name, use_engine):
+    use_engine("x86")
     torch.manual_seed(0)
     model = MODELS[name][0]()
     QATCallback(qconfig=build_qconfig(qat=True), fp32_weights=None, freeze_observer_epoch=9,

@@ -5,11 +5,12 @@ import torch
 from torch.nn import functional as F
 
 from qlab.augment import TrainAugment, mixup
+from qlab.data import CIFAR_MEAN as MEAN
+from qlab.data import CIFAR_STD as STD
 from qlab.errors import QlabError
 from qlab.models import build_resnet50
 from qlab.module import LitClassifier
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 OFF = dict(crop_padding=None, hflip=False, color_jitter=None, rotation=None, translate=None,
            scale=None, erasing_p=0.0)
 

@@ -8,10 +8,22 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from qlab.data import ImageDataModule, synthetic_split
+from qlab.data import CIFAR_MEAN, CIFAR_STD, ImageDataModule, synthetic_split
 from qlab.errors import QlabError
 
 CLASSES = ["cat", "dog", "ship"]
+
+
+def test_the_config_normalizes_with_the_one_cifar_mean_and_std():
+    """conf/data/ shows the user the values qlab.data.CIFAR_MEAN/CIFAR_STD define for the code."""
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+
+    conf = OmegaConf.load(ROOT / "conf" / "data" / "cifar10.yaml")
+    assert tuple(conf.mean) == CIFAR_MEAN and tuple(conf.std) == CIFAR_STD
+    dm = ImageDataModule(source="synthetic")
+    assert dm.mean == CIFAR_MEAN and dm.std == CIFAR_STD
 
 
 def write_folder(root, counts=(4, 3), classes=CLASSES, size=32, suffix=".png"):

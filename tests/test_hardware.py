@@ -163,6 +163,24 @@ def test_engine_auto_on_arm(monkeypatch):
     assert hardware.resolve_engine("auto") == "qnnpack"
 
 
+def test_the_engine_is_set_inside_the_block_and_restored_after_it():
+    before = torch.backends.quantized.engine
+    other = next(e for e in ("fbgemm", "x86", "qnnpack") if e in torch.backends.quantized.supported_engines
+                 and e != before)
+    with quantized_engine(other) as engine:
+        assert engine == other == torch.backends.quantized.engine
+    assert torch.backends.quantized.engine == before
+    with pytest.raises(ValueError, match="inside"), quantized_engine(other):
+        raise ValueError("inside")  # restored after an error too
+    assert torch.backends.quantized.engine == before
+    with quantized_engine("auto") as engine:
+        assert engine == hardware.resolve_engine("auto") == torch.backends.quantized.engine
+    with pytest.raises(QlabError, match=r"quant.backend='tpu' is not available in this torch build; "
+                                        r"use one of "):
+        quantized_engine("tpu").__enter__()
+    assert torch.backends.quantized.engine == before
+
+
 def test_hardware_block_names_the_machine():
     hw = hardware.hardware(precision="32-true", engine="x86", reduce_range=False)
     assert hw["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

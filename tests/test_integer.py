@@ -15,6 +15,7 @@ from torch.ao.quantization import convert, prepare
 
 from qlab.errors import QlabError
 from qlab.hardware import quantized_engine
+from qlab.integer.bias import bias_grid
 from qlab.integer.export import snap_biases, to_integer, write_integer
 from qlab.integer.reference import IntegerModel, shift_round
 from qlab.integer.verify import zero_point_order
@@ -189,14 +190,14 @@ def test_float32_sums_stay_exact_at_the_bound_by_splitting_channels(tmp_path):
 # ---- exported from torch -------------------------------------------------------------------
 
 def _int8(build, *, per_channel=False, engine="fbgemm", kind="po2", seed=0, even_zero_point=True):
-    """A po2 PTQ model with random (but BN-realistic) weights, calibrated on random images."""
-    torch.backends.quantized.engine = engine
+    """A po2 PTQ model with random (but BN-realistic) weights, calibrated on random images,
+    converted on `engine` (a test that runs it sets that engine for its body: use_engine)."""
     torch.manual_seed(seed)
     model = randomize_batchnorm(build(num_classes=10).eval())
     model.fuse_model(is_qat=False)
     model.qconfig = build_qconfig(kind=kind, backend=engine, per_channel=per_channel,
                                   even_zero_point=even_zero_point)
-    with warnings.catch_warnings():
+    with quantized_engine(engine), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepare(model, inplace=True)
         model(_normalized(_pixels(32, seed=seed + 1)))
@@ -218,11 +219,25 @@ def _export(int8, tmp_path, **load):
     return IntegerModel.load(tmp_path, **load)
 
 
+def test_the_bias_grid_is_s_in_times_s_w_with_ties_to_even():
+    """The one rounding the eager and PT2E flows and the QDQ ONNX rewrite snap biases with."""
+    bias = torch.tensor([0.75, 0.25, -0.25, 1.25, -0.375])  # float32, every value exact
+    codes, step = bias_grid(bias, 0.5, torch.tensor([1.0, 1.0, 0.5, 0.5, 0.25]))  # per channel
+    assert step.dtype == codes.dtype == torch.float64
+    assert step.tolist() == [0.5, 0.5, 0.25, 0.25, 0.125]
+    assert codes.tolist() == [2.0, 0.0, -1.0, 5.0, -3.0]  # 1.5 -> 2 and 0.5 -> 0: ties to even
+    codes, step = bias_grid(bias, torch.tensor(0.25, dtype=torch.float64), 2.0)  # per tensor
+    assert step.shape == bias.shape and set(step.tolist()) == {0.5}
+    assert codes.tolist() == [2.0, 0.0, -0.0, 2.0, -1.0]  # 2.5 -> 2, -0.75 -> -1
+    assert torch.equal(codes * step, torch.tensor([1.0, 0.0, 0.0, 1.0, -0.5], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("build, per_channel", [
     (build_resnet50, False), (build_resnet50, True), (build_resnet20, False),
     (build_mobilenet_v2, False), (build_mobilenet_v2, True),
 ])
-def test_bit_exact_against_torch(tmp_path, build, per_channel):
+def test_bit_exact_against_torch(tmp_path, build, per_channel, use_engine):
+    use_engine("fbgemm")
     int8 = _int8(build, per_channel=per_channel)
     assert snap_biases(int8, torch.zeros(1, 3, 32, 32)) > 0
     ref = _export(int8, tmp_path)
@@ -239,9 +254,10 @@ def test_bit_exact_against_torch(tmp_path, build, per_channel):
                for op in spec["ops"] if op["op"] == "conv" and op["name"] != "conv1")
 
 
-def test_biases_off_the_grid_show_where_torch_differs(tmp_path):
+def test_biases_off_the_grid_show_where_torch_differs(tmp_path, use_engine):
     from qlab.integer.verify import first_mismatch
 
+    use_engine("fbgemm")
     int8 = _int8(build_resnet20)  # not snapped: fbgemm adds b / (s_in s_w) unrounded
     ref = _export(int8, tmp_path)
     pixels = _pixels(16, seed=3)
@@ -277,15 +293,15 @@ def test_bit_exact_where_the_kernels_are_limited_to_avx2():
         "import torch, tempfile, pathlib\n"
         "from test_integer import _int8, _export, _pixels, _normalized\n"
         "from qlab.integer.export import snap_biases\n"
-        "from qlab.hardware import resolve_engine\n"
+        "from qlab.hardware import quantized_engine\n"
         "from qlab.integer.verify import zero_point_order\n"
-        "engine = resolve_engine('auto')\n"
-        "int8 = _int8(__import__('qlab.models').models.build_resnet20, engine=engine)\n"
-        "snap_biases(int8, torch.zeros(1, 3, 32, 32))\n"
-        "order = zero_point_order(engine)\n"
-        "ref = _export(int8, pathlib.Path(tempfile.mkdtemp()), zero_point=order)\n"
-        "p = _pixels(32, seed=9)\n"
-        "theirs = int8(_normalized(p)).double()\n"
+        "with quantized_engine('auto') as engine:\n"
+        "    int8 = _int8(__import__('qlab.models').models.build_resnet20, engine=engine)\n"
+        "    snap_biases(int8, torch.zeros(1, 3, 32, 32))\n"
+        "    order = zero_point_order(engine)\n"
+        "    ref = _export(int8, pathlib.Path(tempfile.mkdtemp()), zero_point=order)\n"
+        "    p = _pixels(32, seed=9)\n"
+        "    theirs = int8(_normalized(p)).double()\n"
         "print(engine, torch.equal(ref.dequantize(ref.run(p)[0]), theirs))\n"
     )
     # x86 sends convs to oneDNN where the CPU has VNNI (even with its ISA capped) and to fbgemm
@@ -298,7 +314,8 @@ def test_bit_exact_where_the_kernels_are_limited_to_avx2():
     assert proc.stdout.split()[-2:] == ["x86", "True"]
 
 
-def test_non_po2_scales_and_shifts_out_of_range_are_refused(tmp_path):
+def test_non_po2_scales_and_shifts_out_of_range_are_refused(tmp_path, use_engine):
+    use_engine("fbgemm")
     int8 = _int8(build_resnet20, kind="torch")
     with pytest.raises(QlabError, match=r"tensor 'quant' has scale .* not a power of two.*"
                                         r"quant=po2"):
@@ -309,7 +326,8 @@ def test_non_po2_scales_and_shifts_out_of_range_are_refused(tmp_path):
         to_integer(int8, mean=MEAN, std=STD, image_size=32, max_shift=2)
 
 
-def test_damaged_files_get_clear_errors(tmp_path):
+def test_damaged_files_get_clear_errors(tmp_path, use_engine):
+    use_engine("fbgemm")
     int8 = _int8(build_resnet20)
     _export(int8, tmp_path)
     weights = tmp_path / "weights.npz"

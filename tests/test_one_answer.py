@@ -14,6 +14,8 @@ import torch.ao.nn.quantized as nnq
 from omegaconf import OmegaConf
 
 from qlab import artifacts
+from qlab.data import CIFAR_MEAN as MEAN
+from qlab.data import CIFAR_STD as STD
 from qlab.hardware import quantized_engine
 from qlab.integer.export import to_integer, write_integer
 from qlab.integer.reference import IntegerModel
@@ -34,7 +36,6 @@ from conftest import ROOT
 # the x86 engines (qnnpack, the ARM engine, rounds its own way: see docs/runtimes.md)
 ENGINES = [e for e in ("fbgemm", "x86", "onednn") if e in torch.backends.quantized.supported_engines]
 QUANT = OmegaConf.load(ROOT / "conf" / "quant" / "po2.yaml")
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
 def test_an_even_zero_point_is_exactly_what_makes_both_orders_agree():
@@ -251,12 +252,13 @@ def test_pt2e_int8_gives_one_answer_in_every_runtime(tmp_path, build, per_channe
     from qlab.runtimes import load_pt2
 
     flow, int8 = _calibrated("pt2e", build, per_channel)
-    deployed = flow.export(int8, MEAN, STD, tmp_path, meta={}, example=torch.zeros(1, 3, 32, 32))
+    exported = flow.export(int8, MEAN, STD, tmp_path, meta={}, example=torch.zeros(1, 3, 32, 32))
     x = _pixels(256).float() / 255
     with torch.inference_mode():
         want = Deployable(int8, MEAN, STD).eval()(x)
-        got = {"onnxruntime": deployed(x), "torch.export": load_pt2(tmp_path / "model_int8.pt2")(x),
-               "inductor": flow.runtimes(tmp_path)["inductor"](x)}
+        got = {"onnxruntime": exported.deployable(x),
+               "torch.export": load_pt2(tmp_path / "model_int8.pt2")(x),
+               "inductor": exported.runtimes["inductor"](x)}
     for runtime, logits in got.items():
         identical = (logits == want).all(1).float().mean().item()
         assert identical == 1.0, (runtime, identical)

@@ -340,3 +340,43 @@ def test_onnx_biases_become_int32_on_their_grid_with_identical_outputs(tmp_path)
     bias.CopyFrom(numpy_helper.from_array(off, bias.name))
     with pytest.raises(QlabError, match="not on its int32 grid"):
         int32_biases(proto)
+
+
+def test_flows_keep_no_state_between_calls(tmp_path):
+    """Each flow call returns what the next one needs: two models prepared by one ORT flow with
+    other options convert each with its own, and export returns the runtimes and what it found."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from qlab.quant.flows import get_flow
+    from qlab.quant.flows.base import Exported
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    example = torch.zeros(1, 3, 8, 8)
+    flow = get_flow("ort")
+    quant = OmegaConf.merge(QUANT, {"per_channel": True})
+    per_channel = flow.prepare_ptq(net, quant, example)
+    per_tensor = flow.prepare_ptq(net, OmegaConf.merge(QUANT, {"per_channel": False}), example)
+    for prepared in (per_channel, per_tensor):
+        prepared(torch.randn(16, 3, 8, 8))
+    assert vars(flow) == {}
+
+    def weight_scales(int8) -> list[int]:
+        inits = {i.name: numpy_helper.to_array(i) for i in int8.proto.graph.initializer}
+        return sorted(np.size(inits[n.input[1]]) for n in int8.proto.graph.node
+                      if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+                      and inits[n.input[0]].dtype == np.int8)
+
+    assert weight_scales(flow.convert(per_channel, example)) == [4, 8]  # one per output channel
+    int8 = flow.convert(per_tensor, example)
+    assert weight_scales(int8) == [1, 1]
+    exported = flow.export(int8, (0.5,) * 3, (0.25,) * 3, tmp_path, meta={}, example=example)
+    assert isinstance(exported, Exported) and exported.runtimes == {} and exported.info == {}
+    x = torch.rand(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(exported.deployable(x), int8((x - 0.5) / 0.25))
+    assert onnx.load(str(tmp_path / "model_int8.onnx")).graph.input[0].name == "image"
+    assert vars(flow) == {}

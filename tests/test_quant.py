@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize, convert
 
 from qlab.checkpoint import load_fp32_weights, read_state_dict
@@ -9,10 +10,12 @@ from qlab.errors import QlabError
 from qlab.hardware import quantized_weight_max
 from qlab.models import build_resnet50
 from qlab.quant.observer import _Po2Mixin
-from qlab.quant.ptq import calibrate, prepare_ptq, require_cpu
+from qlab.quant.ptq import calibrate, prepare_ptq, quantize_ptq, require_cpu
 from qlab.quant.qat import QATCallback, fake_quant_scales
-from qlab.quant.qconfig import build_qconfig, set_backend
+from qlab.quant.qconfig import build_qconfig
 from qlab.quant.scales import is_power_of_two, scale_table, summarize
+
+from conftest import ROOT
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
 
@@ -38,8 +41,8 @@ def quantized_scales(int8: torch.nn.Module) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_ptq_makes_every_int8_scale_a_power_of_two(per_channel):
-    set_backend("x86")
+def test_ptq_makes_every_int8_scale_a_power_of_two(per_channel, use_engine):
+    use_engine("x86")
     torch.manual_seed(0)
     model = build_resnet50(stem="imagenet").eval()
     fp32 = copy.deepcopy(model)
@@ -73,6 +76,35 @@ def test_ptq_makes_every_int8_scale_a_power_of_two(per_channel):
     assert torch.isfinite(b).all() and b.shape == a.shape
 
 
+def test_one_eager_pipeline_fuses_calibrates_converts_and_snaps(use_engine):
+    """quantize_ptq is the eager flow's prepare -> calibrate -> convert, biases on their grid."""
+    from qlab.integer.export import snap_biases
+    from qlab.models import build_resnet20, randomize_batchnorm
+    from qlab.quant.flows.eager import EagerFlow
+
+    use_engine("x86")
+    quant = OmegaConf.load(ROOT / "conf" / "quant" / "po2.yaml")
+    quant.backend = "x86"
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build_resnet20()).eval()
+    steps, example = [], torch.zeros(1, 3, 32, 32)
+    int8 = quantize_ptq(copy.deepcopy(model), build_qconfig(backend="x86"), loader(24), batches=2,
+                        mean=MEAN, std=STD, example=example, on_step=steps.append)
+    assert steps == ["fuse+prepare", "calibrate", "convert"]
+    assert snap_biases(int8, example) == 0  # already on the int32 grid
+    assert all(is_power_of_two(s) for s in quantized_scales(int8))
+    flow = EagerFlow()
+    prepared = flow.prepare_ptq(copy.deepcopy(model), quant, example)
+    calibrate(prepared, loader(24), batches=2, mean=MEAN, std=STD)
+    by_flow = flow.convert(prepared, example)
+    x = (torch.rand(4, 3, 32, 32) - 0.45) / 0.2
+    with torch.inference_mode():
+        assert torch.equal(int8(x), by_flow(x))  # the flow runs the same pipeline
+    with pytest.raises(QlabError, match="at least one batch"):
+        quantize_ptq(copy.deepcopy(model), build_qconfig(), loader(), batches=0, mean=MEAN,
+                     std=STD, example=example)
+
+
 def test_calibration_needs_batches():
     prepared = prepare_ptq(build_resnet50(stem="imagenet"), build_qconfig())
     with pytest.raises(QlabError, match="at least one batch"):
@@ -87,8 +119,8 @@ def test_quantized_models_refuse_cuda():
     require_cpu("cpu")
 
 
-def test_qat_runs_the_po2_observer_inside_fake_quant():
-    set_backend("x86")
+def test_qat_runs_the_po2_observer_inside_fake_quant(use_engine):
+    use_engine("x86")
     torch.manual_seed(0)
     model = build_resnet50(stem="imagenet")
     cb = QATCallback(qconfig=build_qconfig(qat=True, per_channel=True), fp32_weights=None,
@@ -124,8 +156,8 @@ def test_qat_runs_the_po2_observer_inside_fake_quant():
 
 @pytest.mark.parametrize("kind", ["po2", "torch"])
 @pytest.mark.parametrize("target,limit", [("portable", 64), ("vnni", 128)])
-def test_target_bounds_the_integer_weights(kind, target, limit):
-    set_backend("x86")
+def test_target_bounds_the_integer_weights(kind, target, limit, use_engine):
+    use_engine("x86")
     torch.manual_seed(0)
     prepared = prepare_ptq(build_resnet50(stem="imagenet").eval(),
                            build_qconfig(kind=kind, backend="x86", target=target))
@@ -169,5 +201,3 @@ def test_torch_qconfig_and_unknown_options():
     assert "HistogramObserver" in repr(q.activation())
     with pytest.raises(QlabError, match="quant=po2 or quant=torch"):
         build_qconfig(kind="lsq")
-    with pytest.raises(QlabError, match="not available"):
-        set_backend("tpu")

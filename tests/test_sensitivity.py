@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from qlab.hardware import quantized_engine
 from qlab.models import build_resnet20, randomize_batchnorm
 from qlab.quant.flows.eager import EagerFlow
 from qlab.quant.ptq import calibrate, prepare_ptq
-from qlab.quant.qconfig import build_qconfig, set_backend
+from qlab.quant.qconfig import build_qconfig
 from qlab.quant.sensitivity import Simulation, accuracy, find_ops, output_stats, sqnr_db, sweeps
 
 from conftest import read_metrics, run_cli
@@ -33,15 +34,15 @@ def _normalized(n, seed):
 
 @pytest.fixture(scope="module")
 def resnet20_int8():
-    set_backend("x86")
-    torch.manual_seed(0)
-    model = randomize_batchnorm(build_resnet20()).eval()
-    fused = copy.deepcopy(model)
-    fused.fuse_model(is_qat=False)
-    prepared = prepare_ptq(model, build_qconfig(backend="x86", per_channel=True))
-    calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
-    int8 = EagerFlow().convert(prepared, torch.zeros(1, 3, 32, 32))
-    return fused, int8
+    with quantized_engine("x86"):  # for the module's tests that use it, restored after them
+        torch.manual_seed(0)
+        model = randomize_batchnorm(build_resnet20()).eval()
+        fused = copy.deepcopy(model)
+        fused.fuse_model(is_qat=False)
+        prepared = prepare_ptq(model, build_qconfig(backend="x86", per_channel=True))
+        calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+        int8 = EagerFlow().convert(prepared, torch.zeros(1, 3, 32, 32))
+        yield fused, int8
 
 
 def test_sqnr_db():
@@ -265,15 +266,15 @@ def resnet20_pt2e():
 
     from qlab.quant.flows.pt2e import Pt2eFlow
 
-    set_backend("x86")
-    torch.manual_seed(0)
-    quant = OmegaConf.load(Path(__file__).parents[1] / "conf" / "quant" / "po2.yaml")
-    quant.backend, quant.per_channel = "x86", True
-    model = randomize_batchnorm(build_resnet20()).eval()
-    flow, example = Pt2eFlow(), torch.zeros(1, 3, 32, 32)
-    prepared = flow.prepare_ptq(model, quant, example)
-    calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
-    return prepared, flow.convert(prepared, example)
+    with quantized_engine("x86"):  # for the module's tests that use it, restored after them
+        torch.manual_seed(0)
+        quant = OmegaConf.load(Path(__file__).parents[1] / "conf" / "quant" / "po2.yaml")
+        quant.backend, quant.per_channel = "x86", True
+        model = randomize_batchnorm(build_resnet20()).eval()
+        flow, example = Pt2eFlow(), torch.zeros(1, 3, 32, 32)
+        prepared = flow.prepare_ptq(model, quant, example)
+        calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+        yield prepared, flow.convert(prepared, example)
 
 
 def test_pt2e_graph_simulation_is_the_converted_graph_or_the_float_one(resnet20_pt2e):

@@ -42,7 +42,9 @@ def test_fp32_stage_writes_every_output_and_resumes(tmp_path):
     model = build_resnet50(stem="imagenet").eval()
     model.load_state_dict(torch.load(out / "model_fp32_state_dict.pt", weights_only=True))
     x = torch.rand(3, 3, 32, 32)
-    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2023, 0.1994, 0.2010])
+    from qlab.data import CIFAR_MEAN, CIFAR_STD
+
+    mean, std = torch.tensor(CIFAR_MEAN), torch.tensor(CIFAR_STD)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)))
 

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from qlab.artifacts import atomic_write
 from qlab.errors import QlabError
+from qlab.integer.bias import bias_grid
 from qlab.integer.reference import FORMAT, VERSION, pack_int4
 from qlab.models import Normalize
 
@@ -74,8 +75,8 @@ def snap_biases(int8: nn.Module, sample: Tensor) -> int:
         w, b = mod.weight(), mod.bias()
         if b is None:
             continue
-        step = s_in * _weight_scales(w)
-        snapped = (torch.round(b.double() / step) * step).float()
+        codes, step = bias_grid(b, s_in, _weight_scales(w))
+        snapped = (codes * step).float()
         if not torch.equal(snapped, b):
             mod.set_weight_bias(w, snapped)
             moved += 1

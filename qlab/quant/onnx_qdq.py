@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper, numpy_helper
 
 from qlab.errors import QlabError
+from qlab.integer.bias import bias_grid
 
 _LAYERS = ("Conv", "Gemm")
 
@@ -45,8 +47,7 @@ def int32_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             bias = numpy_helper.to_array(inits[bias_name]).astype(np.float64)
             if s_x is not None and s_w is not None and bias.dtype.kind == "f" \
                     and s_x.size == 1 and users[bias_name] == 1:
-                step = np.broadcast_to(s_x * s_w, bias.shape)
-                q = np.round(bias / step)
+                q, step = (t.numpy() for t in bias_grid(*map(torch.from_numpy, (bias, s_x, s_w))))
                 if not np.array_equal(q * step, bias):
                     raise QlabError(f"{node.name or node.op_type}: bias {bias_name} is not on its "
                                     f"int32 grid s_x * s_w; convert with qlab (it snaps biases).")

@@ -1,7 +1,9 @@
-"""Post-training quantization math: qconfig from the config, FP32 weights, calibration, fusion."""
+"""Post-training quantization math: qconfig from the config, FP32 weights, calibration, fusion,
+and the eager PTQ pipeline (fuse -> prepare -> calibrate -> convert -> snap biases)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -11,13 +13,14 @@ import torch
 import torch.ao.nn.quantized as nnq
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torch.ao.quantization import prepare
+from torch import Tensor, nn
+from torch.ao.quantization import convert, prepare
 from torch.utils.data import DataLoader
 
 from qlab.checkpoint import load_fp32_weights
 from qlab.errors import QlabError
 from qlab.hardware import quantized_for
+from qlab.integer.export import snap_biases
 from qlab.models import Normalize
 from qlab.quant.mixed import make_float_islands, set_op_qconfigs, weight_bits_of
 from qlab.quant.qconfig import build_qconfig
@@ -103,6 +106,33 @@ def prepare_ptq(model: nn.Module, qconfig, float_layers: Sequence[str] = (),
     model.qconfig = qconfig
     set_op_qconfigs(model, op_qconfigs(model) if op_qconfigs else {})
     return prepare(model, inplace=True)
+
+
+def convert_int8(prepared: nn.Module, example: Tensor) -> nn.Module:
+    """The INT8 model of a calibrated (or QAT) eager model, on CPU; `prepared` is left as it is.
+    Every bias goes on its int32 accumulator grid: what integer hardware adds, and what makes
+    torch's model compute exactly the shift-requantized integer model (stage=integer)."""
+    int8 = convert(copy.deepcopy(prepared).cpu().eval(), inplace=False)
+    snap_biases(int8, example)
+    return int8
+
+
+def quantize_ptq(model: nn.Module, qconfig, loader, *, batches: int, mean, std, example: Tensor,
+                 float_layers: Sequence[str] = (),
+                 op_qconfigs: Callable[[nn.Module], Mapping[str, object]] | None = None,
+                 on_step: Callable[[str], None] | None = None) -> nn.Module:
+    """The eager PTQ pipeline: fuse and prepare `model` in place (prepare_ptq), calibrate on
+    `batches` batches of uint8 images from `loader` (calibrate), convert with biases snapped
+    (convert_int8). on_step(name), if given, is called after "fuse+prepare", "calibrate" and
+    "convert" (for timing)."""
+    step = on_step or (lambda name: None)
+    prepared = prepare_ptq(model, qconfig, float_layers, op_qconfigs)
+    step("fuse+prepare")
+    calibrate(prepared, loader, batches=batches, mean=mean, std=std)
+    step("calibrate")
+    int8 = convert_int8(prepared, example)
+    step("convert")
+    return int8
 
 
 def int8_record(weight_max: int, cfg: DictConfig) -> dict:

@@ -11,7 +11,7 @@ from torch.ao.quantization import (
 )
 
 from qlab.errors import QlabError
-from qlab.hardware import PORTABLE_WEIGHT_MAX, TARGETS, resolve_engine
+from qlab.hardware import PORTABLE_WEIGHT_MAX, TARGETS
 from qlab.quant.observer import (
     Po2MinMaxObserver,
     Po2MovingAverageMinMaxObserver,
@@ -22,17 +22,6 @@ from qlab.quant.observer import (
 KINDS = ("po2", "torch")
 WEIGHT_BITS = (4, 8)
 DTYPES = {"quint8": torch.quint8, "qint8": torch.qint8}
-
-
-def set_backend(backend: str) -> str:
-    """Select the quantized engine (x86, fbgemm, qnnpack, onednn; auto: see resolve_engine)."""
-    backend = resolve_engine(backend)
-    supported = [e for e in torch.backends.quantized.supported_engines if e != "none"]
-    if backend not in supported:
-        raise QlabError(f"quant.backend={backend!r} is not available in this torch build; "
-                        f"use one of {', '.join(supported)}.")
-    torch.backends.quantized.engine = backend
-    return backend
 
 
 def weight_range(target: str, bits: int = 8) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from qlab.bench import measure_latency
 from qlab.data import ImageDataModule
 from qlab.errors import QlabError
 from qlab.evaluate import evaluate
-from qlab.hardware import check_int8_exact, resolve_config
+from qlab.hardware import check_int8_exact, quantized_engine, resolve_config
 from qlab.quant.flows import Flow, get_flow
 from qlab.quant.mixed import plain_8bit
 from qlab.quant.ptq import (
@@ -27,7 +27,6 @@ from qlab.quant.ptq import (
     require_cpu,
     weight_bits_record,
 )
-from qlab.quant.qconfig import set_backend
 from qlab.quant.scales import write_scale_table
 from qlab.stages.common import (
     base_metrics,
@@ -67,14 +66,15 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
     file_mb = artifacts.save_state_dict(out / artifacts.STATE_DICT_FILE, int8)
     # 4-bit weights count as half a byte each (the integer model packs them two per byte)
     size_mb = file_mb - record.get("weight_bits", {}).get("packed_saving_bytes", 0) / 1e6
-    deployable = flow.export(int8, dm.mean, dm.std, out,
-                             meta=record | {"hardware": extra.get("hardware", {})},
-                             example=example_input(dm))
-    record |= flow.export_info
-    latency = measure_latency(deployable, **bench_args(cfg, dm))
+    exported = flow.export(int8, dm.mean, dm.std, out,
+                           meta=record | {"hardware": extra.get("hardware", {})},
+                           example=example_input(dm))
+    record |= exported.info
+    latency = measure_latency(exported.deployable, **bench_args(cfg, dm))
     # the same test split through every other runtime of the artifacts (fed [0,1] images),
     # and through the deployed form when it is not the converted model itself
-    others = flow.runtimes(out) | ({flow.deployed_form: deployable} if flow.deployed_form else {})
+    others = exported.runtimes | (
+        {flow.deployed_form: exported.deployable} if flow.deployed_form else {})
     runtimes = evaluate_runtimes(others, dm, cfg)
     title = f"{stage.upper()} INT8 test ({result['accuracy']:.2f}%)"
     confmat = result.pop("confmat")
@@ -103,29 +103,30 @@ def run_ptq(cfg: DictConfig) -> dict:
     out = output_dir()
     torch.manual_seed(cfg.seed)
     hw = resolve_config(cfg, trains=False)
-    set_backend(cfg.quant.backend)
-    flow = get_flow(cfg.quant.flow)
-    dm = build_datamodule(cfg)
-    check_mixed(cfg.quant)
-    model, weights, model_cfg = load_fp32(cfg, dm.num_classes)
-    dm.setup()
-    extra = {}
-    if cfg.quant.mixed.max_drop is not None:  # float islands chosen on validation images
-        prepared, extra["mixed"] = choose_float_layers(cfg, flow, model, dm, example_input(dm))
-        cfg.quant.float_layers = extra["mixed"]["float_layers"]
-        seen = extra["mixed"]["calib_images"]
-    elif cfg.quant.mixed.get("size_mb") is not None:  # 4-bit ops chosen on validation images
-        prepared, extra["mixed_bits"] = choose_weight_bits(cfg, flow, model, dm, example_input(dm))
-        cfg.quant.weight_bits = dict.fromkeys(extra["mixed_bits"]["weight_bits_4"], 4)
-        seen = extra["mixed_bits"]["calib_images"]
-    else:
-        prepared = flow.prepare_ptq(model.eval(), cfg.quant, example_input(dm))
-        seen = calibrate(prepared, dm.calib_dataloader(), batches=cfg.quant.calib_batches,
-                         mean=dm.mean, std=dm.std)
-    extra |= {"fp32_weights": str(weights), "calib_images": seen, "calibrated_on": "train",
-              "hardware": hw,
-              "model": OmegaConf.to_container(model_cfg, resolve=True)}
-    return finish_int8(cfg, flow, stage="ptq", prepared=prepared, dm=dm, out=out, extra=extra)
+    with quantized_engine(cfg.quant.backend):  # the INT8 kernels of every step below
+        flow = get_flow(cfg.quant.flow)
+        dm = build_datamodule(cfg)
+        check_mixed(cfg.quant)
+        model, weights, model_cfg = load_fp32(cfg, dm.num_classes)
+        dm.setup()
+        extra = {}
+        if cfg.quant.mixed.max_drop is not None:  # float islands chosen on validation images
+            prepared, extra["mixed"] = choose_float_layers(cfg, flow, model, dm, example_input(dm))
+            cfg.quant.float_layers = extra["mixed"]["float_layers"]
+            seen = extra["mixed"]["calib_images"]
+        elif cfg.quant.mixed.get("size_mb") is not None:  # 4-bit ops chosen on validation images
+            prepared, extra["mixed_bits"] = choose_weight_bits(cfg, flow, model, dm,
+                                                               example_input(dm))
+            cfg.quant.weight_bits = dict.fromkeys(extra["mixed_bits"]["weight_bits_4"], 4)
+            seen = extra["mixed_bits"]["calib_images"]
+        else:
+            prepared = flow.prepare_ptq(model.eval(), cfg.quant, example_input(dm))
+            seen = calibrate(prepared, dm.calib_dataloader(), batches=cfg.quant.calib_batches,
+                             mean=dm.mean, std=dm.std)
+        extra |= {"fp32_weights": str(weights), "calib_images": seen, "calibrated_on": "train",
+                  "hardware": hw,
+                  "model": OmegaConf.to_container(model_cfg, resolve=True)}
+        return finish_int8(cfg, flow, stage="ptq", prepared=prepared, dm=dm, out=out, extra=extra)
 
 
 def run_qat(cfg: DictConfig) -> dict | None:
@@ -134,33 +135,33 @@ def run_qat(cfg: DictConfig) -> dict | None:
     ckpt_path = resume_path(cfg, out)
     L.seed_everything(cfg.seed, workers=True)
     hw = resolve_config(cfg, trains=True)
-    set_backend(cfg.quant.backend)
-    flow = get_flow(cfg.quant.flow)
-    check_mixed(cfg.quant)
-    if cfg.quant.mixed.max_drop is not None:
-        raise QlabError("quant.mixed.max_drop chooses float islands by PTQ; for QAT, pass the "
-                        "ops it chose: quant.float_layers=[...] (the PTQ run's metrics.json, "
-                        "mixed.float_layers).")
-    if cfg.quant.mixed.get("size_mb") is not None:
-        raise QlabError("quant.mixed.size_mb chooses 4-bit ops by PTQ; for QAT, pass the ops it "
-                        "chose: quant.weight_bits={op: 4, ...} (the PTQ run's metrics.json, "
-                        "int8.weight_bits.4).")
-    dm = build_datamodule(cfg)
-    weights, fp32_metrics = fp32_weights_path(cfg)
-    model_cfg = fp32_model_config(cfg, fp32_metrics)
-    model = instantiate(model_cfg, num_classes=dm.num_classes)
-    callback = flow.qat_callback(cfg.quant, weights, example_input(dm))
-    lit = build_lit(cfg, model, dm)
-    trainer = build_trainer(cfg, [callback])
-    result = fit_and_test(trainer, lit, dm, ckpt_path)
-    if not trainer.is_global_zero:
-        return None
-    artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "QAT (fake-quant)")
-    result.pop("confmat")
-    extra = {f"fake_quant_{k}": result.pop(k) for k in ("accuracy", "loss")} | result | selection(dm) | {
-        "fp32_weights": str(weights),
-        "model": OmegaConf.to_container(model_cfg, resolve=True),
-        "precision": str(cfg.trainer.precision),
-        "hardware": hw,
-    }
-    return finish_int8(cfg, flow, stage="qat", prepared=lit.model, dm=dm, out=out, extra=extra)
+    with quantized_engine(cfg.quant.backend):  # the INT8 kernels of every step below
+        flow = get_flow(cfg.quant.flow)
+        check_mixed(cfg.quant)
+        if cfg.quant.mixed.max_drop is not None:
+            raise QlabError("quant.mixed.max_drop chooses float islands by PTQ; for QAT, pass the "
+                            "ops it chose: quant.float_layers=[...] (the PTQ run's metrics.json, "
+                            "mixed.float_layers).")
+        if cfg.quant.mixed.get("size_mb") is not None:
+            raise QlabError("quant.mixed.size_mb chooses 4-bit ops by PTQ; for QAT, pass the ops "
+                            "it chose: quant.weight_bits={op: 4, ...} (the PTQ run's "
+                            "metrics.json, int8.weight_bits.4).")
+        dm = build_datamodule(cfg)
+        weights, fp32_metrics = fp32_weights_path(cfg)
+        model_cfg = fp32_model_config(cfg, fp32_metrics)
+        model = instantiate(model_cfg, num_classes=dm.num_classes)
+        callback = flow.qat_callback(cfg.quant, weights, example_input(dm))
+        lit = build_lit(cfg, model, dm)
+        trainer = build_trainer(cfg, [callback])
+        result = fit_and_test(trainer, lit, dm, ckpt_path)
+        if not trainer.is_global_zero:
+            return None
+        artifacts.save_curves(out / "curves.png", out / "csv" / "metrics.csv", "QAT (fake-quant)")
+        result.pop("confmat")
+        extra = {f"fake_quant_{k}": result.pop(k) for k in ("accuracy", "loss")} | result | selection(dm) | {
+            "fp32_weights": str(weights),
+            "model": OmegaConf.to_container(model_cfg, resolve=True),
+            "precision": str(cfg.trainer.precision),
+            "hardware": hw,
+        }
+        return finish_int8(cfg, flow, stage="qat", prepared=lit.model, dm=dm, out=out, extra=extra)

@@ -11,11 +11,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.ao.quantization import convert, prepare
+from torch.ao.quantization import convert
 
 from qlab import artifacts
 from qlab.errors import QlabError, first_line
-from qlab.hardware import check_int8_exact, resolve_config
+from qlab.hardware import check_int8_exact, quantized_engine, resolve_config
 from qlab.integer.export import to_integer, write_integer
 from qlab.integer.reference import IntegerModel
 from qlab.integer.verify import (
@@ -25,9 +25,7 @@ from qlab.integer.verify import (
     verify,
     zero_point_order,
 )
-from qlab.quant.mixed import make_float_islands
-from qlab.quant.ptq import qconfig_from_cfg
-from qlab.quant.qconfig import set_backend
+from qlab.quant.ptq import prepare_ptq, qconfig_from_cfg
 from qlab.stages.common import build_datamodule, output_dir
 
 log = logging.getLogger(__name__)
@@ -37,12 +35,11 @@ def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
     """The converted eager INT8 model of a stage: its architecture, fused, prepared and converted
     on the current engine, then its saved state_dict (weights, biases, scales) loaded."""
     model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
-    model.eval().fuse_model(is_qat=False)
-    make_float_islands(model, metrics.get("quant", {}).get("float_layers") or ())
-    model.qconfig = qconfig_from_cfg(OmegaConf.create(metrics["quant"]), qat=False)
     with warnings.catch_warnings():  # observers that never ran: their qparams are overwritten
         warnings.simplefilter("ignore")
-        int8 = convert(prepare(model), inplace=False)
+        prepared = prepare_ptq(model, qconfig_from_cfg(OmegaConf.create(metrics["quant"]), qat=False),
+                               metrics["quant"].get("float_layers") or ())
+        int8 = convert(prepared, inplace=False)
     path = stage_dir / artifacts.STATE_DICT_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -81,59 +78,59 @@ def run_integer(cfg: DictConfig) -> dict:
     metrics = stage_metrics(stage_dir)
     out = output_dir()
     hw = resolve_config(cfg, trains=False)
-    engine = set_backend(cfg.quant.backend)
-    record = metrics["int8"]
-    if record.get("float_layers"):
-        raise QlabError(f"The {source} model keeps {', '.join(record['float_layers'])} in float "
-                        f"(quant.float_layers / quant.mixed): the integer model has integer ops "
-                        f"only. Export a stage quantized without float islands.")
-    check_int8_exact(record["weight_max"], engine, f"The {source} INT8 model")
-    dm = build_datamodule(cfg)
-    if list(dm.classes) != list(metrics["classes"]):
-        raise QlabError(f"The data has classes {dm.classes}, the {source} model was trained on "
-                        f"{metrics['classes']}: pass the same data= options as that run.")
-    dm.setup()
-    int8 = rebuild_int8(stage_dir, metrics)
-    scripted = load_scripted(stage_dir)  # read before the long work: a damaged file stops here
-    spec, arrays = to_integer(int8, mean=metrics["mean"], std=metrics["std"],
-                              image_size=dm.image_size, max_shift=metrics["quant"]["max_shift"],
-                              four_bit=record.get("weight_bits", {}).get("4", []))
-    off_grid = [op["name"] for op in spec["ops"] if op.get("bias_on_grid") is False]
-    if off_grid:
-        log.warning("%d biases of %s are not on the accumulator grid (the model was exported "
-                    "before biases were snapped): torch's model differs from the integer model "
-                    "there. Re-run the %s stage to export a matching model_int8.pt.",
-                    len(off_grid), source, source)
-    write_integer(out, spec, arrays, extra={"source": {
-        "run": cfg.name, "stage": source, "accuracy": metrics.get("accuracy"),
-        "model": metrics["model"], "int8": record, "classes": metrics["classes"]}})
-    order = cfg.integer.zero_point
-    order = zero_point_order(engine) if order == "auto" else str(order)
-    ref = IntegerModel.load(out, rounding=cfg.integer.rounding, gemm=cfg.integer.gemm,
-                            zero_point=order)
-    # ---- integer.emit=c: the model as portable C in out/c, built and checked against the
-    # reference where a C compiler exists (qlab/integer/emit_c.py) ----
-    c_block = None
-    if cfg.integer.get("emit") is not None:
-        from qlab.integer.emit_c import check_c
-        c_block = check_c(out, ref, dm.test_dataloader(batch_size=cfg.integer.batch_size),
-                          emit=cfg.integer.emit, limit=cfg.integer.limit_images or 200)
-    # ---- end integer.emit ----
-    loader = dm.test_dataloader(batch_size=cfg.integer.batch_size)
-    result = verify(ref, scripted, int8, loader, mean=metrics["mean"], std=metrics["std"],
-                    limit=cfg.integer.limit_images)
-    layers = layer_table(ref)
-    result |= {"rounding": ref.rounding, "gemm": ref.gemm, "engine": engine,
-               "zero_point": ref.zero_point,
-               "biases_off_grid": off_grid, "stage_accuracy": metrics.get("accuracy"),
-               "max_acc_bits": max((r["acc_bits"] for r in layers), default=0),
-               "layers": layers, "hardware": hw, "source": str(stage_dir)}
-    if c_block is not None:  # integer.emit (above)
-        result["c"] = c_block
-    artifacts.write_json(out / "verify.json", result)
-    log.info("integer %s: %d images, identical logits %.4f, top-1 agreement %.4f, accuracy "
-             "%.2f%% (torch %.2f%%), %.1f s", source, result["images"],
-             result["identical_logits_fraction"], result["top1_agreement"], result["accuracy"],
-             result["torch_accuracy"], result["seconds"])
-    return result
+    with quantized_engine(cfg.quant.backend) as engine:
+        record = metrics["int8"]
+        if record.get("float_layers"):
+            raise QlabError(f"The {source} model keeps {', '.join(record['float_layers'])} in float "
+                            f"(quant.float_layers / quant.mixed): the integer model has integer ops "
+                            f"only. Export a stage quantized without float islands.")
+        check_int8_exact(record["weight_max"], engine, f"The {source} INT8 model")
+        dm = build_datamodule(cfg)
+        if list(dm.classes) != list(metrics["classes"]):
+            raise QlabError(f"The data has classes {dm.classes}, the {source} model was trained on "
+                            f"{metrics['classes']}: pass the same data= options as that run.")
+        dm.setup()
+        int8 = rebuild_int8(stage_dir, metrics)
+        scripted = load_scripted(stage_dir)  # read before the long work: a damaged file stops here
+        spec, arrays = to_integer(int8, mean=metrics["mean"], std=metrics["std"],
+                                  image_size=dm.image_size, max_shift=metrics["quant"]["max_shift"],
+                                  four_bit=record.get("weight_bits", {}).get("4", []))
+        off_grid = [op["name"] for op in spec["ops"] if op.get("bias_on_grid") is False]
+        if off_grid:
+            log.warning("%d biases of %s are not on the accumulator grid (the model was exported "
+                        "before biases were snapped): torch's model differs from the integer model "
+                        "there. Re-run the %s stage to export a matching model_int8.pt.",
+                        len(off_grid), source, source)
+        write_integer(out, spec, arrays, extra={"source": {
+            "run": cfg.name, "stage": source, "accuracy": metrics.get("accuracy"),
+            "model": metrics["model"], "int8": record, "classes": metrics["classes"]}})
+        order = cfg.integer.zero_point
+        order = zero_point_order(engine) if order == "auto" else str(order)
+        ref = IntegerModel.load(out, rounding=cfg.integer.rounding, gemm=cfg.integer.gemm,
+                                zero_point=order)
+        # ---- integer.emit=c: the model as portable C in out/c, built and checked against the
+        # reference where a C compiler exists (qlab/integer/emit_c.py) ----
+        c_block = None
+        if cfg.integer.get("emit") is not None:
+            from qlab.integer.emit_c import check_c
+            c_block = check_c(out, ref, dm.test_dataloader(batch_size=cfg.integer.batch_size),
+                              emit=cfg.integer.emit, limit=cfg.integer.limit_images or 200)
+        # ---- end integer.emit ----
+        loader = dm.test_dataloader(batch_size=cfg.integer.batch_size)
+        result = verify(ref, scripted, int8, loader, mean=metrics["mean"], std=metrics["std"],
+                        limit=cfg.integer.limit_images)
+        layers = layer_table(ref)
+        result |= {"rounding": ref.rounding, "gemm": ref.gemm, "engine": engine,
+                   "zero_point": ref.zero_point,
+                   "biases_off_grid": off_grid, "stage_accuracy": metrics.get("accuracy"),
+                   "max_acc_bits": max((r["acc_bits"] for r in layers), default=0),
+                   "layers": layers, "hardware": hw, "source": str(stage_dir)}
+        if c_block is not None:  # integer.emit (above)
+            result["c"] = c_block
+        artifacts.write_json(out / "verify.json", result)
+        log.info("integer %s: %d images, identical logits %.4f, top-1 agreement %.4f, accuracy "
+                 "%.2f%% (torch %.2f%%), %.1f s", source, result["images"],
+                 result["identical_logits_fraction"], result["top1_agreement"], result["accuracy"],
+                 result["torch_accuracy"], result["seconds"])
+        return result
 

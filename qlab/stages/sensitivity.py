@@ -16,12 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from qlab import artifacts
 from qlab.checkpoint import load_fp32_weights
 from qlab.errors import QlabError
-from qlab.hardware import resolve_config
+from qlab.hardware import quantized_engine, resolve_config
 from qlab.integer.verify import stage_metrics
 from qlab.models import Normalize
 from qlab.quant.mixed import make_float_islands
 from qlab.quant.ptq import calibrate
-from qlab.quant.qconfig import set_backend
 from qlab.quant.sensitivity import (
     GraphSimulation,
     Simulation,
@@ -216,62 +215,62 @@ def run_sensitivity(cfg: DictConfig) -> dict:
         raise QlabError("sensitivity.images and sensitivity.calib_images must be >= 1.")
     out = output_dir()
     hw = resolve_config(cfg, trains=False)
-    engine = set_backend(cfg.quant.backend)
-    dm = build_datamodule(cfg)
-    if list(dm.classes) != list(metrics["classes"]):
-        raise QlabError(f"The data has classes {dm.classes}, the {source} model was trained on "
-                        f"{metrics['classes']}: pass the same data= options as that run.")
-    dm.setup()
-    fp32_weights = Path(metrics.get("fp32_weights") or "")
-    if not fp32_weights.is_file():
-        raise QlabError(f"The FP32 weights {source} was made from ({fp32_weights}) are gone: "
-                        f"sensitivity compares against them.")
-    model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
-    load_fp32_weights(model, fp32_weights).eval()
-    mean, std = metrics["mean"], metrics["std"]
-    calib_x, calib_y = subset(dm, "train", sens.calib_images, cfg.seed)
-    calib = [x for x, _ in normalized_batches(calib_x, calib_y, mean=mean, std=std,
-                                              batch_size=sens.batch_size)]
-    test = normalized_batches(*subset(dm, sens.split, sens.images, cfg.seed), mean=mean,
-                              std=std, batch_size=sens.batch_size)
-    if flow_name == "eager":
-        int8 = rebuild_int8(stage_dir, metrics)
-        fused = model
-        fused.fuse_model(is_qat=False)
-        make_float_islands(fused, metrics["int8"].get("float_layers") or ())  # names as in int8
-        ops = find_ops(int8, fused, calib[0][:1])
-        output_stats(ops, fused, int8, calib)
-        sim = Simulation(fused, ops)
-        reproduced = None
-    else:
-        int8, sim, reproduced = _pt2e_simulation(stage_dir, metrics, model, dm, calib_x[:64])
-        sim.output_stats(calib)
-        ops = sim.ops
-    acc = sweeps(sim, test, progress=lambda s: log.info("sensitivity %s", s))
-    acc |= _converted_and_agreement(int8, sim, test)
-    rows = scale_rows(stage_dir)
-    records = []
-    for op in ops:
-        layer = "quant" if op.kind == "input" else op.name
-        records.append({"name": op.name, "kind": op.kind} | op.stats | {
-            "float_gain": op.stats["accuracy_only_this_float"] - acc["quantized"],
-            "output_scale": op.scale, "zero_point": op.zero_point,
-            "output_rounding": _rounding(rows.get((layer, "activation"))),
-            "weight_rounding": _rounding(rows.get((op.name, "weight"))),
-        })
-    worst = worst_first(records, acc["float"])
-    result = {"name": cfg.name, "from": source, "flow": flow_name,
-              "engine": engine, "accuracy": acc, "pt2e_reproduced": reproduced,
-              "subset": {"split": sens.split, "images": sum(len(y) for _, y in test),
-                         "seed": cfg.seed},
-              "calibration_images": len(calib_y), "simulation": SIMULATION[flow_name],
-              "ops": records, "worst_first": worst,
-              "worst": [op["name"] for op in worst[: sens.worst]],
-              "seconds": time.perf_counter() - t0, "hardware": hw}
-    artifacts.write_json(out / "sensitivity.json", result)
-    artifacts.atomic_write(out / "sensitivity.md", lambda tmp: tmp.write_text(markdown(result)))
-    plot(out / "sensitivity.png", result)
-    log.info("sensitivity of %s: %d ops, worst %s; simulated %.2f%% vs converted %.2f%%, %.0f s",
-             source, len(ops), ", ".join(result["worst"]), acc["quantized"], acc["converted"],
-             result["seconds"])
-    return result
+    with quantized_engine(cfg.quant.backend) as engine:
+        dm = build_datamodule(cfg)
+        if list(dm.classes) != list(metrics["classes"]):
+            raise QlabError(f"The data has classes {dm.classes}, the {source} model was trained on "
+                            f"{metrics['classes']}: pass the same data= options as that run.")
+        dm.setup()
+        fp32_weights = Path(metrics.get("fp32_weights") or "")
+        if not fp32_weights.is_file():
+            raise QlabError(f"The FP32 weights {source} was made from ({fp32_weights}) are gone: "
+                            f"sensitivity compares against them.")
+        model = instantiate(OmegaConf.create(metrics["model"]), num_classes=len(metrics["classes"]))
+        load_fp32_weights(model, fp32_weights).eval()
+        mean, std = metrics["mean"], metrics["std"]
+        calib_x, calib_y = subset(dm, "train", sens.calib_images, cfg.seed)
+        calib = [x for x, _ in normalized_batches(calib_x, calib_y, mean=mean, std=std,
+                                                  batch_size=sens.batch_size)]
+        test = normalized_batches(*subset(dm, sens.split, sens.images, cfg.seed), mean=mean,
+                                  std=std, batch_size=sens.batch_size)
+        if flow_name == "eager":
+            int8 = rebuild_int8(stage_dir, metrics)
+            fused = model
+            fused.fuse_model(is_qat=False)
+            make_float_islands(fused, metrics["int8"].get("float_layers") or ())  # names as in int8
+            ops = find_ops(int8, fused, calib[0][:1])
+            output_stats(ops, fused, int8, calib)
+            sim = Simulation(fused, ops)
+            reproduced = None
+        else:
+            int8, sim, reproduced = _pt2e_simulation(stage_dir, metrics, model, dm, calib_x[:64])
+            sim.output_stats(calib)
+            ops = sim.ops
+        acc = sweeps(sim, test, progress=lambda s: log.info("sensitivity %s", s))
+        acc |= _converted_and_agreement(int8, sim, test)
+        rows = scale_rows(stage_dir)
+        records = []
+        for op in ops:
+            layer = "quant" if op.kind == "input" else op.name
+            records.append({"name": op.name, "kind": op.kind} | op.stats | {
+                "float_gain": op.stats["accuracy_only_this_float"] - acc["quantized"],
+                "output_scale": op.scale, "zero_point": op.zero_point,
+                "output_rounding": _rounding(rows.get((layer, "activation"))),
+                "weight_rounding": _rounding(rows.get((op.name, "weight"))),
+            })
+        worst = worst_first(records, acc["float"])
+        result = {"name": cfg.name, "from": source, "flow": flow_name,
+                  "engine": engine, "accuracy": acc, "pt2e_reproduced": reproduced,
+                  "subset": {"split": sens.split, "images": sum(len(y) for _, y in test),
+                             "seed": cfg.seed},
+                  "calibration_images": len(calib_y), "simulation": SIMULATION[flow_name],
+                  "ops": records, "worst_first": worst,
+                  "worst": [op["name"] for op in worst[: sens.worst]],
+                  "seconds": time.perf_counter() - t0, "hardware": hw}
+        artifacts.write_json(out / "sensitivity.json", result)
+        artifacts.atomic_write(out / "sensitivity.md", lambda tmp: tmp.write_text(markdown(result)))
+        plot(out / "sensitivity.png", result)
+        log.info("sensitivity of %s: %d ops, worst %s; simulated %.2f%% vs converted %.2f%%, %.0f s",
+                 source, len(ops), ", ".join(result["worst"]), acc["quantized"], acc["converted"],
+                 result["seconds"])
+        return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -11,17 +12,26 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 
+@dataclass
+class Exported:
+    """What Flow.export made of the INT8 model, for the stage to measure and record."""
+
+    deployable: nn.Module  # the form whose latency counts (float [0,1] NCHW in, logits out)
+    # other runtimes of the written artifacts (same input and output) whose test accuracy the
+    # stage also records
+    runtimes: dict[str, nn.Module] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # what export found out: metrics.json "int8"
+
+
 class Flow(ABC):
-    """prepare_ptq / qat_callback -> (calibrate or fine-tune) -> convert -> export."""
+    """prepare_ptq / qat_callback -> (calibrate or fine-tune) -> convert -> export. A flow keeps
+    no state between calls: each returns what the next one needs."""
 
     name: str
     kernels: str | None = None  # the INT8 kernels its models run on; None: quant.backend's
     kind: str | None = None     # its scales when not quant.kind's
     deployed_form: str | None = None  # the runtime export() returns when it is not the converted
                                       # model itself (its test accuracy is then measured too)
-
-    def __init__(self) -> None:
-        self.export_info: dict = {}  # what export() found out, recorded in metrics.json "int8"
 
     @abstractmethod
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
@@ -46,11 +56,6 @@ class Flow(ABC):
 
     @abstractmethod
     def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
-               meta: dict, example: Tensor) -> nn.Module:
-        """Write the INT8 artifacts into `out`; return the deployable form whose latency counts
-        (float [0,1] NCHW in, logits out)."""
-
-    def runtimes(self, out: Path) -> dict[str, nn.Module]:
-        """Other runtimes of the exported artifacts in `out` (float [0,1] NCHW in, logits out)
-        whose test accuracy the stage also records; none by default."""
-        return {}
+               meta: dict, example: Tensor) -> Exported:
+        """Write the INT8 artifacts into `out`; return the deployable form, the other runtimes
+        of those files and what the export found out."""

@@ -3,21 +3,18 @@ qconfig, convert to quantized modules run by fbgemm/x86/onednn/qnnpack, TorchScr
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.ao.quantization import convert
 
 from qlab import artifacts
 from qlab.hardware import quantized_weight_max
-from qlab.integer.export import snap_biases
-from qlab.quant.flows.base import Flow
+from qlab.quant.flows.base import Exported, Flow
 from qlab.quant.mixed import four_bit
-from qlab.quant.ptq import prepare_ptq, qconfig_from_cfg
+from qlab.quant.ptq import convert_int8, prepare_ptq, qconfig_from_cfg
 from qlab.quant.qat import QATCallback
 from qlab.quant.scales import scale_table
 
@@ -56,17 +53,13 @@ class EagerFlow(Flow):
         return scale_table(prepared)
 
     def convert(self, prepared: nn.Module, example: Tensor) -> nn.Module:
-        int8 = convert(copy.deepcopy(prepared).cpu().eval(), inplace=False)
-        # biases on the int32 accumulator grid: what integer hardware adds, and what makes
-        # torch's model compute exactly the shift-requantized integer model (stage=integer)
-        snap_biases(int8, example)
-        return int8
+        return convert_int8(prepared, example)
 
     def weight_max(self, int8: nn.Module) -> int:
         return quantized_weight_max(int8)
 
     def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
-               meta: dict, example: Tensor) -> nn.Module:
+               meta: dict, example: Tensor) -> Exported:
         scripted = artifacts.torchscript_of(int8, mean, std)
         artifacts.save_torchscript(out / "model_int8.pt", scripted, meta=meta)
-        return scripted
+        return Exported(scripted)

@@ -29,16 +29,18 @@ from torch import Tensor, nn
 
 from qlab import artifacts
 from qlab.errors import QlabError
-from qlab.quant.flows.base import Flow
+from qlab.quant.flows.base import Exported, Flow
 from qlab.runtimes import OnnxRuntime
 
 
 class _Recorder(nn.Module):
-    """The FP32 model, keeping every (normalized) calibration batch it is given."""
+    """The FP32 model, keeping every (normalized) calibration batch it is given, and how
+    quantize_static is to quantize its weights."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, per_channel: bool) -> None:
         super().__init__()
         self.model = model.eval()
+        self.per_channel = per_channel
         self.batches: list[np.ndarray] = []
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,8 +108,7 @@ class OrtStaticFlow(Flow):
             raise QlabError("quant.flow=ort runs ONNX Runtime's quantize_static with 7-bit "
                             "weights (its reduce_range: exact on every CPU); only "
                             "quant.target=portable is available with it.")
-        self.per_channel = bool(quant.per_channel)
-        return _Recorder(model)
+        return _Recorder(model, per_channel=bool(quant.per_channel))
 
     def qat_callback(self, quant: DictConfig, fp32_weights: Path | None,
                      example: Tensor) -> L.Callback:
@@ -132,7 +133,7 @@ class OrtStaticFlow(Flow):
             name = onnx.load(str(pre)).graph.input[0].name
             quantize_static(str(pre), str(int8), _Batches(name, prepared.batches),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, per_channel=self.per_channel,
+                            weight_type=QuantType.QInt8, per_channel=prepared.per_channel,
                             reduce_range=True, calibrate_method=CalibrationMethod.MinMax)
             return OrtModel(onnx.load(str(int8)))
 
@@ -144,8 +145,8 @@ class OrtStaticFlow(Flow):
         return max(int(np.abs(a.astype(np.int32)).max()) for a in ints)
 
     def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
-               meta: dict, example: Tensor) -> nn.Module:
+               meta: dict, example: Tensor) -> Exported:
         model = with_normalization(int8.proto, mean, std)
         artifacts.atomic_write(out / "model_int8.onnx",
                                lambda tmp: onnx.save(model, str(tmp)))
-        return OnnxRuntime(out / "model_int8.onnx")
+        return Exported(OnnxRuntime(out / "model_int8.onnx"))

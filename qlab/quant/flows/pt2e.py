@@ -21,8 +21,9 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from qlab import artifacts
 from qlab.errors import QlabError
+from qlab.integer.bias import bias_grid
 from qlab.models import Deployable
-from qlab.quant.flows.base import Flow
+from qlab.quant.flows.base import Exported, Flow
 from qlab.quant.observer import _Po2Mixin
 from qlab.quant.onnx_qdq import int32_biases
 from qlab.quant.pt2e import Pt2eQATCallback, x86_quantizer
@@ -105,7 +106,7 @@ class Pt2eFlow(Flow):
         return max(int(t.abs().max()) for t in tensors)
 
     def export(self, int8: nn.Module, mean: Sequence[float], std: Sequence[float], out: Path,
-               meta: dict, example: Tensor) -> nn.Module:
+               meta: dict, example: Tensor) -> Exported:
         deployable = Deployable(int8, mean, std).eval()
         program = artifacts.save_exported(out, "model_int8", deployable, example, meta)
         # int32 biases in the ONNX file, as integer runtimes add them (exact: snapped at convert)
@@ -114,19 +115,18 @@ class Pt2eFlow(Flow):
         # the convert_pt2e graph itself: what torch.compile lowers to oneDNN int8 kernels
         artifacts.save_program(out / "model_int8_pt2e.pt2", program, meta)
         before = int8_kernels_lowered()
-        self.compiled = inductor(deployable, example.shape[-1], example.shape[1])
+        compiled = inductor(deployable, example.shape[-1], example.shape[1])
         after = int8_kernels_lowered()
         lowered = {k: after[k] - before[k] for k in after}
         if not any(lowered.values()):  # (a compile served from inductor's cache counts none)
             log.warning("inductor lowered no convolution of the INT8 graph to int8 kernels in "
                         "this process: its latency may be a float model's.")
-        self.export_info = {"inductor_int8_kernels": lowered}
         # the runtime whose latency the stage records: ONNX Runtime, the fastest PT2E runtime
         # measured (README, "Two flows"); inductor's accuracy is measured as another runtime
-        return OnnxRuntime(out / "model_int8.onnx")
-
-    def runtimes(self, out: Path) -> dict[str, nn.Module]:
-        return {"torch.export": load_pt2(out / "model_int8.pt2"), "inductor": self.compiled}
+        return Exported(OnnxRuntime(out / "model_int8.onnx"),
+                        runtimes={"torch.export": load_pt2(out / "model_int8.pt2"),
+                                  "inductor": compiled},
+                        info={"inductor_int8_kernels": lowered})
 
 
 _LAYERS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -160,8 +160,8 @@ def snap_graph_biases(gm: torch.fx.GraphModule) -> int:
         owner, _, attr = str(bias.target).rpartition(".")
         holder = gm.get_submodule(owner) if owner else gm
         b = getattr(holder, attr)
-        step = s_in * s_w
-        snapped = (torch.round(b.detach().double() / step) * step).to(b.dtype)
+        codes, step = bias_grid(b, s_in, s_w)
+        snapped = (codes * step).to(b.dtype)
         if not torch.equal(snapped, b.detach()):
             with torch.no_grad():
                 b.copy_(snapped)
