@@ -19,7 +19,9 @@ import torch
 from torch import Tensor
 
 from qlab import artifacts
+from qlab.checkpoint import load_fp32_weights
 from qlab.hardware import check_int8_exact
+from qlab.models import Deployable
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +134,10 @@ def _torchscript_frozen(files: StageFiles, loaded: dict[str, Loaded]) -> Loaded 
 
 def _eager(files: StageFiles, loaded: dict[str, Loaded]) -> Loaded | None:
     """The FP32 model as plain eager PyTorch, rebuilt from its config and state_dict."""
+    # imported here, not wherever OnnxRuntime is: hydra, and Lightning through qlab.data
     from hydra.utils import instantiate
 
-    from qlab.checkpoint import load_fp32_weights
     from qlab.data import CIFAR_MEAN, CIFAR_STD
-    from qlab.models import Deployable
 
     m = files.metrics
     weights = files.folder / "model_fp32_state_dict.pt"
