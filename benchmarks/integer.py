@@ -6,6 +6,7 @@ then --images random images through the reference and through torch's INT8 model
 The target: CIFAR-10's 10,000 test images in at most 5 minutes on 2 cores.
 
 python benchmarks/integer.py [--images 10000] [--batch 250] [--model resnet50] [--gemm float32]
+                             [--c N]   (N images through the emitted C as well)
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--model", default="resnet50", choices=["resnet50", "resnet20", "mobilenet_v2"])
     ap.add_argument("--gemm", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--c", type=int, default=0, metavar="N",
+                    help="also emit the model as C, build it and run it on N of the images: "
+                         "flash (weights + code), RAM and ms per image (one thread)")
     args = ap.parse_args()
 
     from qlab.data import CIFAR_MEAN, CIFAR_STD
@@ -85,6 +89,28 @@ def main() -> None:
                "seconds_per_10k": 10000 * ref_s / args.images, "torch_int8_s": torch_s,
                "identical_fraction": same / args.images,
                "max_acc_bits": max(ref.acc_bits().values())}
+        if args.c:
+            from qlab.integer.emit_c import check_c
+
+            pixels = torch.randint(0, 256, (args.c, 3, 32, 32), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(1))
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                int8(normalize(pixels.float().div_(255.0)))
+            row["torch_int8_ms_per_image_batched"] = 1e3 * (time.perf_counter() - t0) / args.c
+            t0 = time.perf_counter()
+            ref.run(pixels)
+            row["reference_ms_per_image_batched"] = 1e3 * (time.perf_counter() - t0) / args.c
+            row["c"] = {k: v for k, v in check_c(folder, ref, [(pixels, None)],
+                                                 limit=args.c).items() if k != "folder"}
+            c = row["c"]
+            print_table("The same model as C (one image at a time, one thread)",
+                        ["model", "images", "identical", "ms/img C", "ms/img reference",
+                         "ms/img torch", "flash B", "RAM B"],
+                        [[row["model"], c.get("images"), c.get("identical_fraction"),
+                          c.get("ms_per_image"), row["reference_ms_per_image_batched"],
+                          row["torch_int8_ms_per_image_batched"], c.get("flash_bytes"),
+                          c.get("ram_bytes")]])
         print_table("Integer reference vs torch INT8 (random images)",
                     ["model", "gemm", "images", "reference s", "img/s", "s per 10k", "torch s",
                      "identical"],
