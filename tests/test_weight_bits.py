@@ -290,3 +290,22 @@ def test_weight_bits_and_size_target_through_the_cli(tmp_path):
     proc = run_cli("train.py", "stage=qat", "name=m", "tag=-y", "quant.mixed.size_mb=0.1", *R20,
                    outputs=tmp_path, check=False)
     assert proc.returncode == 2 and "quant.weight_bits={op: 4, ...}" in proc.stderr
+
+
+def test_the_report_names_what_is_not_8_bit():
+    from qlab.report import precision, precision_notes
+
+    plain = {"int8": {"float_layers": []}, "size_mb": 2.0}
+    mixed = {"int8": {"weight_bits": {"4": ["layers.2.conv1", "fc"], "8": ["conv1"]},
+                      "float_layers": []}, "size_mb": 1.25, "file_mb": 2.0}
+    all4 = {"int8": {"weight_bits": {"4": ["conv1", "fc"], "8": []}}, "size_mb": 1.0,
+            "file_mb": 2.0}
+    island = {"int8": {"float_layers": ["fc"]}, "size_mb": 2.1}
+    assert precision(plain) is None and precision({"size_mb": 7.9}) is None  # FP32: no int8
+    assert precision(mixed) == "2 of 3 conv/linear ops with 4-bit weights"
+    assert precision(all4) == "4-bit weights" and precision(island) == "1 float op(s)"
+    notes = precision_notes({"ptq": plain, "ptq-mix": mixed, "ptq-fl": island})
+    assert notes == [
+        "- ptq-mix: 2 of 3 conv/linear ops with 4-bit weights (layers.2.conv1, fc); size "
+        "1.250 MB with them packed, 2.000 MB as torch stores them.",
+        "- ptq-fl: 1 float op(s); in float: fc."]
