@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qlab.hardware import resolve_precision
+from qlab.integer.emit_c import find_cc
 
 from conftest import ROOT, read_metrics, run_cli
 
@@ -59,9 +60,11 @@ def test_fp32_then_ptq_on_real_images(jpeg_root, tmp_path):
             timeout=900)
     ptq = read_metrics(tmp_path / "real" / "ptq" / "metrics.json")
     assert ptq["size_mb"] < 24.2 and abs(ptq["accuracy"] - fp32["accuracy"]) < 10.0
-    # the integer model of that PTQ, on the real test images, bit for bit
-    run_cli("quantize.py", "stage=integer", "name=real", "from=ptq", *data, outputs=tmp_path,
-            timeout=900)
+    # the integer model of that PTQ, on the real test images, bit for bit; its C too (200 images)
+    run_cli("quantize.py", "stage=integer", "name=real", "from=ptq", "integer.emit=c", *data,
+            outputs=tmp_path, timeout=900)
     v = read_metrics(tmp_path / "real" / "ptq" / "integer" / "verify.json")
     assert v["images"] == 500 and v["identical_logits_fraction"] == 1.0, v["first_mismatch"]
     assert v["accuracy"] == pytest.approx(ptq["accuracy"])
+    if find_cc() is not None:
+        assert v["c"]["built"] and v["c"]["images"] == 200 and v["c"]["identical_fraction"] == 1.0
