@@ -334,6 +334,7 @@ def run_report(cfg: DictConfig) -> dict:
     by_runtime = runtime_rows(found, latency)
     sens_notes, worst = sensitivity_notes(run, found)
     int_notes, integer = integer_notes(run, found)
+    mixed = precision_notes(found)
     missing = [s for s in STAGES if s not in found]
     if "fp32" not in found:
         log.warning("No FP32 run under %s: compression, accuracy drop and speedup are n/a.", run)
@@ -354,7 +355,7 @@ def run_report(cfg: DictConfig) -> dict:
         "Selection and test-time augmentation:", "", *selection_notes(found), *tta_notes(found),
         "",
         *(("Mixed precision (all other INT8 models: 8-bit weights and activations):", "",
-           *precision_notes(found), "") if precision_notes(found) else ()),
+           *mixed, "") if mixed else ()),
         "## Runtimes", "",
         "Every runtime of every model's artifacts, fastest first; accuracy as the stage measured "
         "it through that runtime on the test split (n/a: not measured there; an FP32 model "
