@@ -12,6 +12,7 @@ Three things depend on the CPU and GPU, not on the model:
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import platform
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from qlab.errors import QlabError
 
@@ -235,13 +237,17 @@ def hardware(**resolved) -> dict:
     return info | resolved
 
 
-def resolve_config(cfg, *, trains: bool) -> dict:
-    """Resolve cfg's `auto` settings in place (trainer.precision when the stage trains,
-    quant.backend) before anything is built; returns the run's `hardware` block."""
+def resolve_config(cfg, *, trains: bool):
+    """The run's config with its `auto` settings resolved (trainer.precision when the stage
+    trains, quant.backend), as a read-only copy: resolved once, before anything is built, and
+    never written again. Returns (resolved config, the run's `hardware` block); `cfg` itself is
+    left as given."""
+    resolved = copy.deepcopy(cfg)
     precision = None
     if trains:
         precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-        cfg.trainer.precision = precision
-    cfg.quant.backend = resolve_engine(cfg.quant.backend)
-    return hardware(precision=precision, engine=cfg.quant.backend,
-                    reduce_range=bool(cfg.quant.reduce_range), int8_target=cfg.quant.target)
+        resolved.trainer.precision = precision
+    resolved.quant.backend = resolve_engine(cfg.quant.backend)
+    OmegaConf.set_readonly(resolved, True)
+    return resolved, hardware(precision=precision, engine=resolved.quant.backend,
+                              reduce_range=bool(cfg.quant.reduce_range), int8_target=cfg.quant.target)

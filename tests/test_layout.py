@@ -84,7 +84,7 @@ def test_importing_artifacts_does_not_load_matplotlib():
 
 # Packages from the top down: a module may import its own layer and the layers below it only.
 LAYERS = [
-    ("stages", ("qlab.stages", "qlab.report", "qlab.cli")),
+    ("stages", ("qlab.stages", "qlab.cli")),
     ("flows", ("qlab.quant.flows",)),
     ("quantization math", ("qlab.quant",)),
     ("integer model", ("qlab.integer",)),

@@ -10,10 +10,11 @@ from qlab.errors import QlabError
 from qlab.hardware import quantized_weight_max
 from qlab.models import build_resnet50
 from qlab.quant.observer import _Po2Mixin
-from qlab.quant.ptq import calibrate, prepare_ptq, quantize_ptq, require_cpu
+from qlab.quant.ptq import calibrate, prepare_ptq, quantize_ptq
 from qlab.quant.qat import QATCallback, fake_quant_scales
 from qlab.quant.qconfig import build_qconfig
 from qlab.quant.scales import is_power_of_two, scale_table, summarize
+from qlab.stages.int8 import require_cpu
 
 from conftest import ROOT
 

@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 
 from qlab import artifacts, runtimes
 from qlab.models import Deployable
-from qlab.report import remeasure_latency
 from qlab.runtimes import RUNTIMES, StageFiles, load_runtimes
+from qlab.stages.report import remeasure_latency
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -21,8 +21,8 @@ from qlab.integer.emit_c import build_c, emit_c, run_c
 from qlab.integer.export import snap_biases, to_integer, write_integer
 from qlab.integer.reference import IntegerModel, pack_int4, unpack_int4
 from qlab.models import build_resnet20, randomize_batchnorm
-from qlab.quant.mixed import four_bit, weight_bits_of, weighted_ops
-from qlab.quant.ptq import calibrate, prepare_ptq, weight_bits_record
+from qlab.quant.mixed import four_bit, weight_bits_of, weight_bits_record, weighted_ops
+from qlab.quant.ptq import calibrate, prepare_ptq
 from qlab.quant.qconfig import build_qconfig, weight_range
 
 from conftest import read_metrics, run_cli
@@ -293,7 +293,7 @@ def test_weight_bits_and_size_target_through_the_cli(tmp_path):
 
 
 def test_the_report_names_what_is_not_8_bit():
-    from qlab.report import precision, precision_notes
+    from qlab.stages.report import precision, precision_notes
 
     plain = {"int8": {"float_layers": []}, "size_mb": 2.0}
     mixed = {"int8": {"weight_bits": {"4": ["layers.2.conv1", "fc"], "8": ["conv1"]},

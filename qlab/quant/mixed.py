@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch.ao.nn.quantized as nnq
 from torch import Tensor, nn
 from torch.ao.nn import intrinsic as nni
 from torch.ao.quantization import DeQuantStub, QuantStub
@@ -126,3 +127,24 @@ def _has(model: nn.Module, name: str) -> bool:
 def float_islands(model: nn.Module) -> list[str]:
     """The float islands of a (prepared or converted) model, by the name of the op they hold."""
     return [name for name, m in model.named_modules() if isinstance(m, FloatIsland)]
+
+
+def quantized_gemms(int8: nn.Module) -> dict[str, nn.Module]:
+    """The quantized conv and linear ops of a converted eager model, by name, in model order."""
+    return {n: m for n, m in int8.named_modules() if isinstance(m, nnq.Conv2d | nnq.Linear)}
+
+
+def weight_bits_record(int8: nn.Module, spec) -> dict:
+    """The `weight_bits` block of metrics.json for quant.weight_bits=`spec`: which ops of the
+    converted model hold 4-bit weights, how many weights that is, and the bytes that packing
+    them two per byte saves (size_mb counts them so)."""
+    gemms = quantized_gemms(int8)
+    four = [n for n, b in weight_bits_of(spec, list(gemms)).items() if b == 4]
+    count = 0
+    for name in four:
+        w = gemms[name].weight().int_repr()
+        if int(w.min()) < -8 or int(w.max()) > 7:
+            raise QlabError(f"{name}: 4-bit weights outside -8..7 after conversion.")
+        count += w.numel()
+    return {"4": four, "8": [n for n in gemms if n not in four], "weights_4bit": count,
+            "packed_saving_bytes": (count + 1) // 2 if count else 0}

@@ -75,7 +75,7 @@ def run_fp32(cfg: DictConfig) -> dict | None:
     out = output_dir()
     ckpt_path = resume_path(cfg, out)
     L.seed_everything(cfg.seed, workers=True)
-    hw = resolve_config(cfg, trains=True)
+    cfg, hw = resolve_config(cfg, trains=True)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm.num_classes)
     if ckpt_path is None:

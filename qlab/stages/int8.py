@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from torch import nn
 
 from qlab import artifacts
@@ -15,18 +16,10 @@ from qlab.bench import measure_latency
 from qlab.data import ImageDataModule
 from qlab.errors import QlabError
 from qlab.evaluate import evaluate
-from qlab.hardware import check_int8_exact, quantized_engine, resolve_config
+from qlab.hardware import check_int8_exact, quantized_engine, quantized_for, resolve_config
 from qlab.quant.flows import Flow, get_flow
-from qlab.quant.mixed import plain_8bit
-from qlab.quant.ptq import (
-    calibrate,
-    fp32_model_config,
-    fp32_weights_path,
-    int8_record,
-    load_fp32,
-    require_cpu,
-    weight_bits_record,
-)
+from qlab.quant.mixed import plain_8bit, weight_bits_record
+from qlab.quant.ptq import calibrate
 from qlab.quant.scales import write_scale_table
 from qlab.stages.common import (
     base_metrics,
@@ -41,6 +34,7 @@ from qlab.stages.common import (
     selection,
 )
 from qlab.stages.mixed import check_mixed, choose_float_layers, choose_weight_bits
+from qlab.stages.weights import fp32_model_config, fp32_weights_path, load_fp32
 
 
 def example_input(dm: ImageDataModule) -> torch.Tensor:
@@ -48,21 +42,49 @@ def example_input(dm: ImageDataModule) -> torch.Tensor:
     return torch.zeros(1, len(dm.mean), dm.image_size, dm.image_size)
 
 
-def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
-                dm: ImageDataModule, out: Path, extra: dict) -> dict:
-    """Convert a prepared/QAT model on CPU, evaluate it and write every INT8 output of a stage."""
-    require_cpu(cfg.quant.get("device", "cpu"))
+def require_cpu(device: str) -> None:
+    """Quantized kernels (fbgemm/x86/qnnpack/onednn) exist for CPU only."""
+    if str(device) != "cpu":
+        raise QlabError(f"INT8 models run on CPU only (asked for {device!r}); set quant.device=cpu. "
+                        f"Train and fine-tune (QAT) on the GPU, then evaluate the INT8 copy on CPU.")
+
+
+def int8_record(weight_max: int, quant: DictConfig) -> dict:
+    """What an INT8 model was quantized for: stored in metrics.json and in the exported file."""
+    return {"target": quant.target, "weight_max": weight_max,
+            "quantized_for": quantized_for(weight_max), "engine": quant.backend,
+            "reduce_range": bool(quant.reduce_range), "kind": quant.kind,
+            "flow": quant.get("flow", "eager"),
+            "float_layers": list(quant.get("float_layers") or [])}
+
+
+def with_choice(quant: DictConfig, **chosen) -> DictConfig:
+    """The run's quant config with what an automatic mode chose (float_layers=..., or
+    weight_bits=...): a new config; the resolved one is never written."""
+    quant = copy.deepcopy(quant)
+    with read_write(quant):
+        for key, value in chosen.items():
+            quant[key] = value
+    OmegaConf.set_readonly(quant, True)
+    return quant
+
+
+def finish_int8(cfg: DictConfig, quant: DictConfig, flow: Flow, *, stage: str,
+                prepared: nn.Module, dm: ImageDataModule, out: Path, extra: dict) -> dict:
+    """Convert a prepared/QAT model on CPU, evaluate it and write every INT8 output of a stage.
+    `quant` is the quantization it was prepared with: quant, or with_choice's copy of it."""
+    require_cpu(quant.get("device", "cpu"))
     prepared = prepared.cpu()
     prepared.eval()  # not chained: an exported (PT2E) module's eval() returns None
-    summary = write_scale_table(out, flow.scale_table(prepared), max_shift=cfg.quant.max_shift)
+    summary = write_scale_table(out, flow.scale_table(prepared), max_shift=quant.max_shift)
     int8 = flow.convert(prepared, example_input(dm))
-    record = int8_record(flow.weight_max(int8), cfg) | (
+    record = int8_record(flow.weight_max(int8), quant) | (
         {"engine": flow.kernels} if flow.kernels else {}) | ({"kind": flow.kind} if flow.kind else {})
     check_int8_exact(record["weight_max"], record["engine"], f"The {stage} INT8 model")
     result = evaluate(int8, dm.test_dataloader(), num_classes=dm.num_classes, mean=dm.mean,
                       std=dm.std, label_smoothing=cfg.module.label_smoothing, tta=cfg.module.tta)
-    if not plain_8bit(cfg.quant.get("weight_bits", 8)):
-        record["weight_bits"] = weight_bits_record(int8, cfg.quant.weight_bits)
+    if not plain_8bit(quant.get("weight_bits", 8)):
+        record["weight_bits"] = weight_bits_record(int8, quant.weight_bits)
     file_mb = artifacts.save_state_dict(out / artifacts.STATE_DICT_FILE, int8)
     # 4-bit weights count as half a byte each (the integer model packs them two per byte)
     size_mb = file_mb - record.get("weight_bits", {}).get("packed_saving_bytes", 0) / 1e6
@@ -85,8 +107,8 @@ def finish_int8(cfg: DictConfig, flow: Flow, *, stage: str, prepared: nn.Module,
         "size_mb": size_mb,
         "file_mb": file_mb,
         "latency": latency,
-        "backend": cfg.quant.backend,
-        "quant": OmegaConf.to_container(cfg.quant, resolve=True),
+        "backend": quant.backend,
+        "quant": OmegaConf.to_container(quant, resolve=True),
         "int8": record,
         "scales": summary,
         "confusion_matrix": confmat.tolist(),
@@ -102,7 +124,7 @@ def run_ptq(cfg: DictConfig) -> dict:
     """fp32 weights -> prepare -> calibrate -> convert -> evaluate -> outputs/<name>/ptq."""
     out = output_dir()
     torch.manual_seed(cfg.seed)
-    hw = resolve_config(cfg, trains=False)
+    cfg, hw = resolve_config(cfg, trains=False)
     with quantized_engine(cfg.quant.backend):  # the INT8 kernels of every step below
         flow = get_flow(cfg.quant.flow)
         dm = build_datamodule(cfg)
@@ -112,21 +134,24 @@ def run_ptq(cfg: DictConfig) -> dict:
         extra = {}
         if cfg.quant.mixed.max_drop is not None:  # float islands chosen on validation images
             prepared, extra["mixed"] = choose_float_layers(cfg, flow, model, dm, example_input(dm))
-            cfg.quant.float_layers = extra["mixed"]["float_layers"]
+            quant = with_choice(cfg.quant, float_layers=extra["mixed"]["float_layers"])
             seen = extra["mixed"]["calib_images"]
         elif cfg.quant.mixed.get("size_mb") is not None:  # 4-bit ops chosen on validation images
             prepared, extra["mixed_bits"] = choose_weight_bits(cfg, flow, model, dm,
                                                                example_input(dm))
-            cfg.quant.weight_bits = dict.fromkeys(extra["mixed_bits"]["weight_bits_4"], 4)
+            quant = with_choice(cfg.quant, weight_bits=dict.fromkeys(
+                extra["mixed_bits"]["weight_bits_4"], 4))
             seen = extra["mixed_bits"]["calib_images"]
         else:
-            prepared = flow.prepare_ptq(model.eval(), cfg.quant, example_input(dm))
+            quant = cfg.quant
+            prepared = flow.prepare_ptq(model.eval(), quant, example_input(dm))
             seen = calibrate(prepared, dm.calib_dataloader(), batches=cfg.quant.calib_batches,
                              mean=dm.mean, std=dm.std)
         extra |= {"fp32_weights": str(weights), "calib_images": seen, "calibrated_on": "train",
                   "hardware": hw,
                   "model": OmegaConf.to_container(model_cfg, resolve=True)}
-        return finish_int8(cfg, flow, stage="ptq", prepared=prepared, dm=dm, out=out, extra=extra)
+        return finish_int8(cfg, quant, flow, stage="ptq", prepared=prepared, dm=dm, out=out,
+                           extra=extra)
 
 
 def run_qat(cfg: DictConfig) -> dict | None:
@@ -134,7 +159,7 @@ def run_qat(cfg: DictConfig) -> dict | None:
     out = output_dir()
     ckpt_path = resume_path(cfg, out)
     L.seed_everything(cfg.seed, workers=True)
-    hw = resolve_config(cfg, trains=True)
+    cfg, hw = resolve_config(cfg, trains=True)
     with quantized_engine(cfg.quant.backend):  # the INT8 kernels of every step below
         flow = get_flow(cfg.quant.flow)
         check_mixed(cfg.quant)
@@ -164,4 +189,5 @@ def run_qat(cfg: DictConfig) -> dict | None:
             "precision": str(cfg.trainer.precision),
             "hardware": hw,
         }
-        return finish_int8(cfg, flow, stage="qat", prepared=lit.model, dm=dm, out=out, extra=extra)
+        return finish_int8(cfg, cfg.quant, flow, stage="qat", prepared=lit.model, dm=dm,
+                           out=out, extra=extra)

@@ -77,7 +77,7 @@ def run_integer(cfg: DictConfig) -> dict:
     stage_dir = Path(cfg.outputs_dir) / cfg.name / source
     metrics = stage_metrics(stage_dir)
     out = output_dir()
-    hw = resolve_config(cfg, trains=False)
+    cfg, hw = resolve_config(cfg, trains=False)
     with quantized_engine(cfg.quant.backend) as engine:
         record = metrics["int8"]
         if record.get("float_layers"):

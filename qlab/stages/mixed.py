@@ -10,15 +10,14 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch.ao.nn.quantized as nnq
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from qlab import artifacts
 from qlab.errors import QlabError
 from qlab.quant.flows import Flow
-from qlab.quant.mixed import make_float_islands, plain_8bit
-from qlab.quant.ptq import calibrate, qconfig_from_cfg, weight_bits_record
+from qlab.quant.mixed import make_float_islands, plain_8bit, quantized_gemms, weight_bits_record
+from qlab.quant.ptq import calibrate, qconfig_from_cfg
 from qlab.quant.sensitivity import Simulation, accuracy, find_ops
 from qlab.stages.sensitivity import normalized_batches, subset
 
@@ -143,8 +142,7 @@ def choose_weight_bits(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
                      mean=dm.mean, std=dm.std)
     int8 = flow.convert(prepared, example)
     start = weight_bits_record(int8, quant.get("weight_bits", 8))
-    gemms = {n: m.weight().numel() for n, m in int8.named_modules()
-             if isinstance(m, nnq.Conv2d | nnq.Linear)}
+    gemms = {n: m.weight().numel() for n, m in quantized_gemms(int8).items()}
     with tempfile.TemporaryDirectory() as tmp:  # the file finish_int8 writes, named the same
         file_mb = artifacts.save_state_dict(Path(tmp) / artifacts.STATE_DICT_FILE, int8)
     four = list(start["4"])

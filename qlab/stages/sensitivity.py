@@ -214,7 +214,7 @@ def run_sensitivity(cfg: DictConfig) -> dict:
     if sens.images < 1 or sens.calib_images < 1:
         raise QlabError("sensitivity.images and sensitivity.calib_images must be >= 1.")
     out = output_dir()
-    hw = resolve_config(cfg, trains=False)
+    cfg, hw = resolve_config(cfg, trains=False)
     with quantized_engine(cfg.quant.backend) as engine:
         dm = build_datamodule(cfg)
         if list(dm.classes) != list(metrics["classes"]):

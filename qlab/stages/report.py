@@ -326,7 +326,7 @@ def run_report(cfg: DictConfig) -> dict:
     if not found:
         raise QlabError(f"Nothing to report under {run}: run `python train.py stage=fp32 "
                         f"name={cfg.name}` (then quantize.py stage=ptq, train.py stage=qat) first.")
-    hw = resolve_config(cfg, trains=False)
+    cfg, hw = resolve_config(cfg, trains=False)
     with quantized_engine(cfg.quant.backend):  # INT8 weights are repacked for it when loaded
         latency = remeasure_latency(run, found, cfg)
     rows = build_rows(found, latency)
