@@ -4,7 +4,8 @@ Integer kernels (the integer model, ONNX Runtime's QLinearConv, oneDNN) add an i
 int32 accumulator, whose unit is s_in * s_w; fbgemm and a q/dq graph add the float bias. On that
 grid, with po2 scales, both add the same number. The eager flow (integer/export.snap_biases),
 the PT2E flow (quant/flows/pt2e.snap_graph_biases) and the QDQ ONNX rewrite
-(quant/onnx_qdq.int32_biases) all round here.
+(quant/onnx_qdq.int32_biases) all round here, and the integer exporter writes the int32 codes it
+gives.
 """
 
 from __future__ import annotations

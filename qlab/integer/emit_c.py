@@ -177,7 +177,7 @@ static void {fn}(const {tin} *x, {tout} *y)
         const {tin} *xg = x + (long)g * {cin_g} * {h} * {w};
         for (ocb = 0; ocb < {cout_g}; ocb += {nb}) {{
             const int oc = g * {cout_g} + ocb;
-            const int8_t *wb = {wb};
+            const int8_t *wb = {wptr};
             {tout} *yo = y + (long)oc * {oh} * {ow};
             for (oy = 0; oy < {oh}; oy++) {{
                 const int iy0 = oy * {sh} - {ph};
@@ -248,7 +248,7 @@ static void {fn}(const {tin} *x, {tout} *y)
 {{
     int o, i;
     for (o = 0; o < {n_out}; o++) {{
-        const int8_t *wo = {wo};
+        const int8_t *wo = {wptr};
         {tacc} acc = {bias}[o];
         for (i = 0; i < {n_in}; i++)
             acc += (({tacc})x[i] - {in_zp}) * wo[i];
@@ -555,21 +555,18 @@ class _Emitter:
         shifts = {f"shift_{j}": shift_expr.replace("{j}", str(j)) for j in range(nb)}
         lo, hi = (int(v) for v in op["clamp"])
         self.need_rounding(gemm=True)
+        # the weights of this block of output channels (conv) or of this output (linear)
+        per = fields["cin_g"] * fields["kh"] * fields["kw"] if "kh" in fields else fields["n_in"]
+        first = f"(long)oc * {per}" if "kh" in fields else f"(long)o * {per}"
         if op.get("weight_bits", 8) == 4:  # packed in flash, a block at a time into the scratch
-            packed = self.array("uint8_t", f"{fn}_weight4", pack_int4(weight))
-            step = fields["cin_g"] * fields["kh"] * fields["kw"] if "kh" in fields else None
-            per = step * fields["nb"] if step else fields["n_in"]
-            self.scratch_bytes = max(self.scratch_bytes, per)
+            name = self.array("uint8_t", f"{fn}_weight4", pack_int4(weight))
+            count = per * fields["nb"] if "kh" in fields else per
+            self.scratch_bytes = max(self.scratch_bytes, count)
             self.need("unpack4", _UNPACK4)
-            first = f"(long)oc * {step}" if step else f"(long)o * {per}"
-            fields |= {"wb": f"qlab_unpack4(qlab_scratch, {packed}, {first}, {per})",
-                       "wo": f"qlab_unpack4(qlab_scratch, {packed}, {first}, {per})"}
-            name = packed
+            fields["wptr"] = f"qlab_unpack4(qlab_scratch, {name}, {first}, {count})"
         else:
             name = self.array("int8_t", f"{fn}_weight", weight)
-            fields |= {"wb": f"{name} + (long)oc * {fields.get('cin_g', 0)} * "
-                             f"{fields.get('kh', 0)} * {fields.get('kw', 0)}",
-                       "wo": f"{name} + (long)o * {fields.get('n_in', 0)}"}
+            fields["wptr"] = f"{name} + {first}"
         self.need(fn, template.format(
             name=_ident(op["name"]), fn=fn, tin=CTYPES[x["dtype"]], tout=CTYPES[y["dtype"]],
             tacc=tacc, weight=name,

@@ -194,17 +194,16 @@ class _Exporter:
         w_exp = [exponent(s, f"{name} weight", self.max_shift) for s in _weight_scales(w).tolist()]
         cout = w.shape[0]
         shifts = [out["exp"] - x["exp"] - e for e in w_exp]
-        acc_exp = np.array([x["exp"] + e for e in w_exp], dtype=np.float64)
         bias = torch.zeros(cout, dtype=torch.float64) if b is None else b.detach().double()
-        bias_q = np.rint(np.ldexp(bias.numpy(), -acc_exp.astype(np.int64)))
+        codes, step = bias_grid(bias, 2.0 ** x["exp"], torch.tensor([2.0 ** e for e in w_exp]))
+        bias_q = codes.numpy()
         if np.abs(bias_q).max(initial=0) >= 2**31:
             raise QlabError(f"{name}: a bias needs more than 32 bits on the accumulator grid.")
         wq = w.int_repr().numpy().astype(np.int8)
         # 4-bit weights: two per byte (reference.pack_int4); it refuses values outside -8..7
         self.arrays[f"{name}.weight"] = pack_int4(wq) if name in self.four_bit else wq
         self.arrays[f"{name}.bias"] = bias_q.astype(np.int32)
-        on_grid = bool(np.array_equal(np.ldexp(bias_q, acc_exp.astype(np.int64)),
-                                      bias.numpy()))
+        on_grid = bool(torch.equal(codes * step, bias))
         relu = isinstance(mod, nniq.ConvReLU2d | nniq.LinearReLU)
         op = {"op": "conv" if isinstance(mod, nnq.Conv2d) else "linear", "name": name,
               "inputs": [src], "output": node.name, "weight": f"{name}.weight",
