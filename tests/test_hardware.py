@@ -20,6 +20,8 @@ from qlab.hardware import (
     int8_saturates,
     quantized_engine,
     quantized_weight_max,
+    resolve_config,
+    resolve_engine,
 )
 from qlab.quant.qconfig import build_qconfig
 
@@ -192,3 +194,22 @@ def test_hardware_block_names_the_machine():
 def test_bad_target_is_explained():
     with pytest.raises(QlabError, match="portable"):
         build_qconfig(target="everywhere")
+
+
+def test_config_is_resolved_once_into_a_read_only_copy():
+    """resolve_config answers `auto` once; the stages read the copy and can never write it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ReadonlyConfigError
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["quant.backend=auto", "trainer.precision=auto"])
+    resolved, hw = resolve_config(cfg, trains=True)
+    assert cfg.quant.backend == "auto" and cfg.trainer.precision == "auto"  # the input is kept
+    assert resolved.quant.backend == hw["engine"] == resolve_engine("auto") != "auto"
+    assert resolved.trainer.precision == hw["precision"] != "auto"
+    assert OmegaConf.is_readonly(resolved)
+    with pytest.raises(ReadonlyConfigError):
+        resolved.quant.float_layers = ["fc"]
+    quantize, hw = resolve_config(cfg, trains=False)  # a stage that does not train
+    assert quantize.trainer.precision == "auto" and hw["precision"] is None
