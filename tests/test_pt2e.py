@@ -3,6 +3,7 @@ qlab and score what metrics.json says, refusals."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -83,6 +84,42 @@ def test_residual_add_inputs_are_int8_or_fused_as_configured(residual_add):
     assert len(adds) == 9
     dequantized = [all("dequantize" in str(a.target) for a in n.args[:2]) for n in adds]
     assert all(dequantized) if residual_add == "int8" else not any(dequantized)
+
+
+def test_float_islands_in_the_pt2e_flow():
+    """quant.float_layers: the named conv/linear read float weights and inputs; every other
+    conv keeps its int8 weights; the graph still runs, and a wrong name is explained."""
+    from qlab.quant.flows import get_flow
+    from qlab.quant.pt2e import GEMM_OPS
+
+    flow = get_flow("pt2e")
+    torch.manual_seed(0)
+    example = torch.zeros(1, 3, 32, 32)
+    model = build_resnet20(num_classes=10).eval()
+    x = torch.randn(8, 3, 32, 32)
+
+    def convert(float_layers):
+        quant = OmegaConf.merge(QUANT, {"float_layers": float_layers})
+        prepared = flow.prepare_ptq(copy.deepcopy(model), quant, example)
+        with torch.inference_mode():
+            prepared(x)
+        return flow.convert(prepared, example)
+
+    def quantized_inputs(gm) -> dict[str, bool]:
+        """module path of each conv/linear -> whether its input and weight are dequantized."""
+        return {list(n.meta["nn_module_stack"].values())[-1][0]:
+                all("dequantize" in str(a.target) for a in n.args[:2])
+                for n in gm.graph.nodes if n.target in GEMM_OPS}
+
+    plain, mixed = convert([]), convert(["conv1", "layers.4.conv2", "fc"])
+    assert all(quantized_inputs(plain).values()) and len(quantized_inputs(plain)) == 22
+    floats = [n for n, q in quantized_inputs(mixed).items() if not q]
+    assert floats == ["conv1", "layers.4.conv2", "fc"]
+    with torch.inference_mode():
+        assert torch.isfinite(mixed(x)).all() and mixed(x).shape == (8, 10)
+    assert flow.weight_max(mixed) <= 64
+    with pytest.raises(QlabError, match="layers.0.conv9 is not a conv or linear op.*conv1"):
+        convert(["layers.0.conv9"])
 
 
 def test_pt2e_refuses_what_it_cannot_do():

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -235,10 +236,18 @@ def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
     assert "fc.quant" in names and "fc" not in names and "conv1" not in names
     assert sens["accuracy"]["agreement"] > 0.9
 
-    # the other flows refuse float islands
-    proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=pt2e",
+    # the PT2E flow keeps them too (the ONNX file's head is a float Gemm), the ORT flow refuses
+    run_cli("quantize.py", "stage=ptq", "name=m", "tag=-pt2e-fl", "quant.flow=pt2e",
+            "quant.float_layers=[fc]", *R20, outputs=tmp_path)
+    pt2e = read_metrics(tmp_path / "m" / "ptq-pt2e-fl" / "metrics.json")
+    assert pt2e["int8"]["float_layers"] == ["fc"] and pt2e["int8"]["flow"] == "pt2e"
+    assert all(r["agrees_with_torch"] for r in pt2e["runtimes"].values())
+    onnx_ops = {n.op_type for n in onnx.load(str(tmp_path / "m" / "ptq-pt2e-fl" /
+                                                 "model_int8.onnx")).graph.node}
+    assert "Gemm" in onnx_ops or "MatMul" in onnx_ops
+    proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=ort",
                    "quant.float_layers=[fc]", *R20, outputs=tmp_path, check=False)
-    assert proc.returncode == 2 and "quant.flow=eager" in proc.stderr
+    assert proc.returncode == 2 and "quant.flow=eager or pt2e" in proc.stderr
 
     # automatic: coarse scales (max_shift=2) cost accuracy; ops go back to float, the most
     # helpful first, until the validation drop is within 0 points

@@ -114,33 +114,76 @@ RESIDUAL_ADD = ("int8", "fused")
 _ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 
 
-class Int8AddInputsQuantizer(X86InductorQuantizer):
-    """X86InductorQuantizer's annotations, then both inputs of every residual add it annotated
-    quantized: the convolution output that it leaves in float for inductor's conv+add fusion
-    gets a q/dq pair, as the eager flow and ONNX Runtime's quantize_static place them. ONNX
-    Runtime then runs those convolutions as QLinearConv and the adds as QLinearAdd; inductor
-    still lowers every convolution to int8 kernels."""
+GEMM_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
+def gemm_layers(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """The conv/linear nodes of an exported graph by the module path they came from
+    (layers.0.conv1, fc, ...: the names the eager flow and stage=sensitivity use)."""
+    found = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.target in GEMM_OPS and stack:
+            found.setdefault(str(list(stack.values())[-1][0]), node)
+    return found
+
+
+def keep_in_float(gm: torch.fx.GraphModule, names) -> list[str]:
+    """Float islands in an annotated graph: the named conv/linear ops lose their input and
+    weight quantization (and stay marked as annotated, so nothing quantizes them again). Their
+    consumers still quantize what they read, so the island ends in a quantize as in the eager
+    flow; what it reads is the float output of the op before it."""
+    names = list(dict.fromkeys(str(n) for n in names or ()))
+    layers = gemm_layers(gm)
+    for name in names:
+        if name not in layers:
+            raise QlabError(
+                f"quant.float_layers: {name} is not a conv or linear op of this model. Float "
+                f"islands are named by module path: {', '.join(list(layers)[:6])}"
+                f"{' ...' if len(layers) > 6 else ''} (stage=sensitivity lists them all).")
+        annotation = layers[name].meta.get(QUANT_ANNOTATION_KEY)
+        if annotation is not None:
+            annotation.input_qspec_map = {}
+            annotation.output_qspec = None
+            annotation._is_output_of_quantized_pattern = False
+    return names
+
+
+class Po2X86Quantizer(X86InductorQuantizer):
+    """X86InductorQuantizer's annotations, then two changes. With `int8_adds`, both inputs of
+    every residual add it annotated are quantized: the convolution output that it leaves in
+    float for inductor's conv+add fusion gets a q/dq pair, as the eager flow and ONNX Runtime's
+    quantize_static place them. ONNX Runtime then runs those convolutions as QLinearConv and the
+    adds as QLinearAdd; inductor still lowers every convolution to int8 kernels. And the ops
+    named in `float_layers` are left in float (keep_in_float)."""
+
+    def __init__(self, *, int8_adds: bool, float_layers=()) -> None:
+        super().__init__()
+        self.int8_adds, self.float_layers = int8_adds, list(float_layers)
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         model = super().annotate(model)
         act = get_input_act_qspec(self.global_config)
-        for node in model.graph.nodes:
+        for node in model.graph.nodes if self.int8_adds else ():
             annotation = node.meta.get(QUANT_ANNOTATION_KEY)
             if node.target in _ADDS and annotation is not None:
                 for arg in node.args[:2]:
                     if isinstance(arg, torch.fx.Node) and arg not in annotation.input_qspec_map:
                         annotation.input_qspec_map[arg] = act
+        keep_in_float(model, self.float_layers)
         return model
 
 
 def x86_quantizer(quant: DictConfig, *, qat: bool) -> X86InductorQuantizer:
     """The PT2E quantizer with the po2 config on every supported op: quant.pt2e.residual_add
-    int8 (Int8AddInputsQuantizer) or fused (X86InductorQuantizer as torchao ships it)."""
+    int8 (both add inputs quantized) or fused (X86InductorQuantizer's own annotations), and
+    quant.float_layers left in float."""
     residual = quant.get("pt2e", {}).get("residual_add", "int8")
     if residual not in RESIDUAL_ADD:
         raise QlabError(f"quant.pt2e.residual_add={residual!r}: use int8 (both add inputs "
                         f"quantized, as the eager flow) or fused (inductor's conv+add fusion).")
-    quantizer = Int8AddInputsQuantizer() if residual == "int8" else X86InductorQuantizer()
+    quantizer = Po2X86Quantizer(int8_adds=residual == "int8",
+                                float_layers=quant.get("float_layers") or ())
     quantizer.set_global(po2_quantization_config(quant, qat=qat))
     return quantizer
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qlab import artifacts
@@ -33,7 +32,7 @@ from qlab.stages.common import (
     resume_path,
     selection,
 )
-from qlab.stages.mixed import check_mixed, choose_float_layers, choose_weight_bits
+from qlab.stages.mixed import check_mixed, choose_float_layers, choose_weight_bits, with_choice
 from qlab.stages.weights import fp32_model_config, fp32_weights_path, load_fp32
 
 
@@ -56,17 +55,6 @@ def int8_record(weight_max: int, quant: DictConfig) -> dict:
             "reduce_range": bool(quant.reduce_range), "kind": quant.kind,
             "flow": quant.get("flow", "eager"),
             "float_layers": list(quant.get("float_layers") or [])}
-
-
-def with_choice(quant: DictConfig, **chosen) -> DictConfig:
-    """The run's quant config with what an automatic mode chose (float_layers=..., or
-    weight_bits=...): a new config; the resolved one is never written."""
-    quant = copy.deepcopy(quant)
-    with read_write(quant):
-        for key, value in chosen.items():
-            quant[key] = value
-    OmegaConf.set_readonly(quant, True)
-    return quant
 
 
 def finish_int8(cfg: DictConfig, quant: DictConfig, flow: Flow, *, stage: str,

@@ -10,7 +10,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, read_write
 from torch import Tensor, nn
 
 from qlab import artifacts
@@ -25,11 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def check_mixed(quant: DictConfig) -> None:
-    """Float islands, 4-bit weights and the automatic modes exist in the eager flow only."""
+    """Float islands exist in the eager and PT2E flows; 4-bit weights and the automatic modes
+    in the eager flow only."""
     mixed = quant.get("mixed", {})
     max_drop, size_mb = mixed.get("max_drop"), mixed.get("size_mb")
-    wanted = [k for k, on in (("quant.float_layers", bool(quant.get("float_layers"))),
-                              ("quant.weight_bits", not plain_8bit(quant.get("weight_bits", 8))),
+    if quant.get("float_layers") and quant.flow not in ("eager", "pt2e"):
+        raise QlabError(f"quant.float_layers works with quant.flow=eager or pt2e; this run asks "
+                        f"for quant.flow={quant.flow}. Drop it, or use one of those flows.")
+    wanted = [k for k, on in (("quant.weight_bits", not plain_8bit(quant.get("weight_bits", 8))),
                               ("quant.mixed.max_drop", max_drop is not None),
                               ("quant.mixed.size_mb", size_mb is not None)) if on]
     if wanted and quant.flow != "eager":
@@ -43,6 +46,17 @@ def check_mixed(quant: DictConfig) -> None:
         raise QlabError("quant.mixed.max_drop and quant.mixed.size_mb are two automatic modes; "
                         "run one. (Float islands chosen by max_drop can be kept with "
                         "quant.float_layers=[...] while size_mb picks the 4-bit ops.)")
+
+
+def with_choice(quant: DictConfig, **chosen) -> DictConfig:
+    """The run's quant config with what an automatic mode chose (float_layers=..., or
+    weight_bits=...): a new config; the resolved one is never written."""
+    quant = copy.deepcopy(quant)
+    with read_write(quant):
+        for key, value in chosen.items():
+            quant[key] = value
+    OmegaConf.set_readonly(quant, True)
+    return quant
 
 
 def _val_batches(cfg: DictConfig, dm, what: str) -> list:
@@ -73,9 +87,8 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
     seen = [0]
 
     def build(names: list[str]) -> tuple[nn.Module, nn.Module, float]:
-        q = copy.deepcopy(quant)
-        q.float_layers = names
-        prepared = flow.prepare_ptq(copy.deepcopy(model).eval(), q, example)
+        prepared = flow.prepare_ptq(copy.deepcopy(model).eval(),
+                                    with_choice(quant, float_layers=names), example)
         seen[0] = calibrate(prepared, dm.calib_dataloader(), batches=quant.calib_batches,
                             mean=dm.mean, std=dm.std)
         int8 = flow.convert(prepared, example)

@@ -26,7 +26,7 @@ from qlab.models import Deployable
 from qlab.quant.flows.base import Exported, Flow
 from qlab.quant.observer import _Po2Mixin
 from qlab.quant.onnx_qdq import int32_biases
-from qlab.quant.pt2e import Pt2eQATCallback, x86_quantizer
+from qlab.quant.pt2e import GEMM_OPS, Pt2eQATCallback, x86_quantizer
 from qlab.quant.scales import po2_row
 from qlab.runtimes import OnnxRuntime, inductor, int8_kernels_lowered, load_pt2
 
@@ -129,7 +129,6 @@ class Pt2eFlow(Flow):
                         info={"inductor_int8_kernels": lowered})
 
 
-_LAYERS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 _DEQUANTIZE = ("dequantize_per_tensor", "dequantize_per_channel")
 
 
@@ -151,7 +150,7 @@ def snap_graph_biases(gm: torch.fx.GraphModule) -> int:
     number. Returns how many biases moved."""
     moved = 0
     for node in gm.graph.nodes:
-        if node.target not in _LAYERS or len(node.args) < 3 or node.args[2] is None:
+        if node.target not in GEMM_OPS or len(node.args) < 3 or node.args[2] is None:
             continue
         s_in, s_w = _dq_scale(gm, node.args[0]), _dq_scale(gm, node.args[1])
         bias = node.args[2]
