@@ -121,6 +121,21 @@ def test_float_islands_in_the_pt2e_flow():
     with pytest.raises(QlabError, match="layers.0.conv9 is not a conv or linear op.*conv1"):
         convert(["layers.0.conv9"])
 
+    # QAT: a conv island (followed by BN) trains in float and stays float after convert
+    from types import SimpleNamespace
+
+    holder = SimpleNamespace(model=copy.deepcopy(model))
+    quant = OmegaConf.merge(QUANT, {"float_layers": ["layers.4.conv2"]})
+    flow.qat_callback(quant, None, example).setup(None, holder, "fit")
+    qat = holder.model
+    loss = torch.nn.functional.cross_entropy(qat(x), torch.randint(0, 10, (8,)))
+    loss.backward()
+    qat.eval()
+    int8 = flow.convert(qat, example)
+    assert [n for n, q in quantized_inputs(int8).items() if not q] == ["layers.4.conv2"]
+    with torch.inference_mode():
+        assert torch.isfinite(int8(x)).all()
+
 
 def test_pt2e_refuses_what_it_cannot_do():
     from qlab.quant.flows import get_flow

@@ -242,9 +242,13 @@ def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
     pt2e = read_metrics(tmp_path / "m" / "ptq-pt2e-fl" / "metrics.json")
     assert pt2e["int8"]["float_layers"] == ["fc"] and pt2e["int8"]["flow"] == "pt2e"
     assert all(r["agrees_with_torch"] for r in pt2e["runtimes"].values())
-    onnx_ops = {n.op_type for n in onnx.load(str(tmp_path / "m" / "ptq-pt2e-fl" /
-                                                 "model_int8.onnx")).graph.node}
-    assert "Gemm" in onnx_ops or "MatMul" in onnx_ops
+    graph = onnx.load(str(tmp_path / "m" / "ptq-pt2e-fl" / "model_int8.onnx")).graph
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    heads = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    # the head reads a float weight; every conv reads a dequantized one
+    assert heads and all(made_by.get(n.input[1]) != "DequantizeLinear" for n in heads)
+    assert convs and all(made_by.get(n.input[1]) == "DequantizeLinear" for n in convs)
     proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=ort",
                    "quant.float_layers=[fc]", *R20, outputs=tmp_path, check=False)
     assert proc.returncode == 2 and "quant.flow=eager or pt2e" in proc.stderr

@@ -129,10 +129,10 @@ def gemm_layers(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
 
 
 def keep_in_float(gm: torch.fx.GraphModule, names) -> list[str]:
-    """Float islands in an annotated graph: the named conv/linear ops lose their input and
-    weight quantization (and stay marked as annotated, so nothing quantizes them again). Their
-    consumers still quantize what they read, so the island ends in a quantize as in the eager
-    flow; what it reads is the float output of the op before it."""
+    """Float islands in an annotated graph (after every annotation pass): the named conv/linear
+    ops lose their annotation, so prepare puts no observer on their input or weight and QAT's
+    conv-BN fusion leaves them unquantized. The ops that read an island's output quantize it
+    as they would any input (see docs/sensitivity.md for where that differs from eager)."""
     names = list(dict.fromkeys(str(n) for n in names or ()))
     layers = gemm_layers(gm)
     for name in names:
@@ -141,11 +141,7 @@ def keep_in_float(gm: torch.fx.GraphModule, names) -> list[str]:
                 f"quant.float_layers: {name} is not a conv or linear op of this model. Float "
                 f"islands are named by module path: {', '.join(list(layers)[:6])}"
                 f"{' ...' if len(layers) > 6 else ''} (stage=sensitivity lists them all).")
-        annotation = layers[name].meta.get(QUANT_ANNOTATION_KEY)
-        if annotation is not None:
-            annotation.input_qspec_map = {}
-            annotation.output_qspec = None
-            annotation._is_output_of_quantized_pattern = False
+        layers[name].meta.pop(QUANT_ANNOTATION_KEY, None)
     return names
 
 
