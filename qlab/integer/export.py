@@ -195,7 +195,8 @@ class _Exporter:
         cout = w.shape[0]
         shifts = [out["exp"] - x["exp"] - e for e in w_exp]
         bias = torch.zeros(cout, dtype=torch.float64) if b is None else b.detach().double()
-        codes, step = bias_grid(bias, 2.0 ** x["exp"], torch.tensor([2.0 ** e for e in w_exp]))
+        codes, step = bias_grid(bias, 2.0 ** x["exp"],
+                                torch.tensor([2.0 ** e for e in w_exp], dtype=torch.float64))
         bias_q = codes.numpy()
         if np.abs(bias_q).max(initial=0) >= 2**31:
             raise QlabError(f"{name}: a bias needs more than 32 bits on the accumulator grid.")
