@@ -233,6 +233,33 @@ R20 = ["model=resnet20", "data=synthetic", "data.num_train=160", "data.num_test=
        "quant.calib_batches=2", "quant.per_channel=true"]
 
 
+def test_each_flow_says_which_mixed_options_it_takes():
+    from qlab.quant.flows import FLOWS, get_flow
+    from qlab.stages.mixed import check_mixed
+
+    def quant(flow, **over):
+        return OmegaConf.create({"flow": flow, "float_layers": [], "weight_bits": 8,
+                                 "mixed": {"max_drop": None, "size_mb": None}} | over)
+
+    takes = {name: (get_flow(name).float_islands, get_flow(name).mixed_bits) for name in FLOWS}
+    assert takes == {"eager": (True, True), "pt2e": (True, False), "ort": (False, False)}
+    for name, (islands, bits) in takes.items():
+        flow = get_flow(name)
+        check_mixed(quant(name), flow)  # plain 8-bit: every flow
+        for ok, option in ((islands, {"float_layers": ["fc"]}),
+                           (bits, {"weight_bits": {"fc": 4}}),
+                           (bits, {"mixed": {"max_drop": 0.5, "size_mb": None}}),
+                           (bits, {"mixed": {"max_drop": None, "size_mb": 1.0}})):
+            if ok:
+                check_mixed(quant(name, **option), flow)
+                continue
+            with pytest.raises(QlabError, match=f"quant.flow={name}") as err:
+                check_mixed(quant(name, **option), flow)
+            assert "quant.flow=eager" in str(err.value)  # names a flow that takes it
+    with pytest.raises(QlabError, match="run one"):
+        check_mixed(quant("eager", mixed={"max_drop": 0.5, "size_mb": 1.0}), get_flow("eager"))
+
+
 @pytest.mark.slow
 def test_weight_bits_and_size_target_through_the_cli(tmp_path):
     run_cli("train.py", "stage=fp32", "name=m", *R20, outputs=tmp_path)
@@ -286,7 +313,8 @@ def test_weight_bits_and_size_target_through_the_cli(tmp_path):
     assert qat["size_mb"] == pytest.approx(mix["size_mb"], abs=2e-3)
     proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=pt2e",
                    "quant.weight_bits=4", *R20, outputs=tmp_path, check=False)
-    assert proc.returncode == 2 and "quant.weight_bits work with quant.flow=eager" in proc.stderr
+    assert proc.returncode == 2
+    assert "quant.weight_bits do not work with quant.flow=pt2e; use quant.flow=eager" in proc.stderr
     proc = run_cli("train.py", "stage=qat", "name=m", "tag=-y", "quant.mixed.size_mb=0.1", *R20,
                    outputs=tmp_path, check=False)
     assert proc.returncode == 2 and "quant.weight_bits={op: 4, ...}" in proc.stderr

@@ -540,8 +540,10 @@ class _Emitter:
         self.calls.append(f"qlab_quantize_input(image, {self.ptr(op['output'])});")
 
     def _gemm(self, i: int, op: dict, weight: np.ndarray, template: str, index: str,
-              **fields) -> str:
-        """A conv/linear as its own function, every size and constant a literal."""
+              first: str, count: int, **fields) -> str:
+        """A conv/linear as its own function, every size and constant a literal. Its weights
+        for one step of the loop (a block of output channels, or one output) are the `count`
+        values from offset `first` (a C expression) of `weight` flattened."""
         plan = self.ref._plans[op["name"]]
         tacc = "int32_t" if plan.acc_dtype == torch.int32 else "int64_t"
         x, y = self.tensors[op["inputs"][0]], self.tensors[op["output"]]
@@ -555,12 +557,8 @@ class _Emitter:
         shifts = {f"shift_{j}": shift_expr.replace("{j}", str(j)) for j in range(nb)}
         lo, hi = (int(v) for v in op["clamp"])
         self.need_rounding(gemm=True)
-        # the weights of this block of output channels (conv) or of this output (linear)
-        per = fields["cin_g"] * fields["kh"] * fields["kw"] if "kh" in fields else fields["n_in"]
-        first = f"(long)oc * {per}" if "kh" in fields else f"(long)o * {per}"
         if op.get("weight_bits", 8) == 4:  # packed in flash, a block at a time into the scratch
             name = self.array("uint8_t", f"{fn}_weight4", pack_int4(weight))
-            count = per * fields["nb"] if "kh" in fields else per
             self.scratch_bytes = max(self.scratch_bytes, count)
             self.need("unpack4", _UNPACK4)
             fields["wptr"] = f"qlab_unpack4(qlab_scratch, {name}, {first}, {count})"
@@ -599,9 +597,11 @@ class _Emitter:
                          f"(int64_t)a{j}, {{shift_{j}}}, {{out_zp}}, {{lo}}, {{hi}}, "
                          f"{{zp_first}});" for j in range(nb))
         template = _CONV.replace("{init}", init).replace("{mac}", mac).replace("{store}", store)
-        fn = self._gemm(i, op, blocked, template, "oc + {j}", cin=cin, h=h, w=w, cout=cout, oh=oh,
-                        ow=ow, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw,
-                        groups=groups, cin_g=cin // groups, cout_g=cout // groups, nb=nb,
+        per = (cin // groups) * kh * kw  # weights per output channel; a block has nb of them
+        fn = self._gemm(i, op, blocked, template, "oc + {j}", f"(long)oc * {per}", per * nb,
+                        cin=cin, h=h, w=w, cout=cout, oh=oh, ow=ow, kh=kh, kw=kw, sh=sh, sw=sw,
+                        ph=ph, pw=pw, dh=dh, dw=dw, groups=groups, cin_g=cin // groups,
+                        cout_g=cout // groups, nb=nb,
                         **_inside(oh, h, kh, sh, ph, dh, "oy"), **_inside(ow, w, kw, sw, pw, dw, "ox"))
         src = self.ptr(op["inputs"][0], True)
         self.calls.append(f"{fn}({src}, {self.ptr(op['output'])});")
@@ -612,7 +612,8 @@ class _Emitter:
         if tuple(self.arrays[op["weight"]].shape) != (n_out, n_in):
             raise QlabError(f"op {op['name']!r}: weight {list(self.arrays[op['weight']].shape)} "
                             f"is not [{n_out}, {n_in}].")
-        fn = self._gemm(i, op, self.arrays[op["weight"]], _LINEAR, "o", n_in=n_in, n_out=n_out)
+        fn = self._gemm(i, op, self.arrays[op["weight"]], _LINEAR, "o",
+                        f"(long)o * {n_in}", n_in, n_in=n_in, n_out=n_out)
         self.calls.append(f"{fn}({self.ptr(op['inputs'][0], True)}, {self.ptr(op['output'])});")
 
     def op_add(self, i: int, op: dict) -> None:

@@ -261,18 +261,6 @@ class IntegerModel:
             raise _bad(f"weights.npz has no array {name!r} (the {key} of op {op['name']!r}): the "
                        f"file does not belong to this model.json or is damaged")
         a = self.arrays[name]
-        if key == "weight" and op.get("weight_bits", 8) == 4 and a.dtype == np.int8:
-            if a.size and (int(a.min()) < -8 or int(a.max()) > 7):  # unpacked (in memory)
-                raise _bad(f"weights.npz array {name!r}: op {op['name']!r} has 4-bit weights, "
-                           f"but its values reach {int(a.min())}..{int(a.max())}")
-        elif key == "weight" and op.get("weight_bits", 8) == 4:
-            need = (int(np.prod(shape)) + 1) // 2
-            if a.dtype != np.uint8 or a.shape != (need,):
-                raise _bad(f"weights.npz array {name!r} (the 4-bit weight of op {op['name']!r}) "
-                           f"is {a.dtype} {list(a.shape)}, not the uint8 [{need}] that packs "
-                           f"{list(shape)} ({dims}) two per byte: the files do not belong "
-                           f"together or are damaged")
-            a = self.arrays[name] = unpack_int4(a, tuple(shape))
         if a.dtype != np.dtype(dtype):
             raise _bad(f"weights.npz array {name!r} (the {key} of op {op['name']!r}) has dtype "
                        f"{a.dtype}, not {dtype}: the files do not belong together or are damaged")
@@ -280,6 +268,27 @@ class IntegerModel:
             raise _bad(f"weights.npz array {name!r} has shape {list(a.shape)}, but model.json "
                        f"makes the {key} of op {op['name']!r} {list(shape)} ({dims}): the files "
                        f"do not belong together or are damaged")
+        return a
+
+    def _weight(self, op: dict, shape: tuple, dims: str) -> np.ndarray:
+        """The op's int8 weight; 4-bit weights (weight_bits: 4) are stored packed two per byte
+        and unpacked here, once, or are already int8 values in -8..7 (a model built in memory)."""
+        if op.get("weight_bits", 8) != 4:
+            return self._array(op, "weight", "int8", shape, dims)
+        name = op["weight"]
+        a = self.arrays.get(name)
+        if a is not None and a.dtype != np.int8:  # packed (from weights.npz)
+            need = (int(np.prod(shape)) + 1) // 2
+            if a.dtype != np.uint8 or a.shape != (need,):
+                raise _bad(f"weights.npz array {name!r} (the 4-bit weight of op {op['name']!r}) "
+                           f"is {a.dtype} {list(a.shape)}, not the uint8 [{need}] that packs "
+                           f"{list(shape)} ({dims}) two per byte: the files do not belong "
+                           f"together or are damaged")
+            self.arrays[name] = unpack_int4(a, tuple(shape))
+        a = self._array(op, "weight", "int8", shape, dims)
+        if a.size and (int(a.min()) < -8 or int(a.max()) > 7):
+            raise _bad(f"weights.npz array {name!r}: op {op['name']!r} has 4-bit weights, "
+                       f"but its values reach {int(a.min())}..{int(a.max())}")
         return a
 
     def _check_op(self, i: int, op) -> None:
@@ -418,10 +427,10 @@ class IntegerModel:
         """Weights as float chunks whose every partial sum is provably exact (see module doc)."""
         cout, cin = out["shape"][0], src["shape"][0]
         if op["op"] == "conv":
-            w = self._array(op, "weight", "int8", (cout, cin // op["groups"], *op["kernel"]),
-                            "[out channels, in channels / groups, kernel h, kernel w]")
+            w = self._weight(op, (cout, cin // op["groups"], *op["kernel"]),
+                             "[out channels, in channels / groups, kernel h, kernel w]")
         else:
-            w = self._array(op, "weight", "int8", (cout, cin), "[out features, in features]")
+            w = self._weight(op, (cout, cin), "[out features, in features]")
         bias = self._array(op, "bias", "int32", (cout,), "[out channels]")
         shift = np.asarray(op["shift"], dtype=np.int64).reshape(-1)
         if shift.size not in (1, cout):

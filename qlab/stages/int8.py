@@ -6,7 +6,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -33,7 +32,7 @@ from qlab.stages.common import (
     selection,
 )
 from qlab.stages.mixed import check_mixed, choose_float_layers, choose_weight_bits, with_choice
-from qlab.stages.weights import fp32_model_config, fp32_weights_path, load_fp32
+from qlab.stages.weights import fp32_model, load_fp32
 
 
 def example_input(dm: ImageDataModule) -> torch.Tensor:
@@ -116,7 +115,7 @@ def run_ptq(cfg: DictConfig) -> dict:
     with quantized_engine(cfg.quant.backend):  # the INT8 kernels of every step below
         flow = get_flow(cfg.quant.flow)
         dm = build_datamodule(cfg)
-        check_mixed(cfg.quant)
+        check_mixed(cfg.quant, flow)
         model, weights, model_cfg = load_fp32(cfg, dm.num_classes)
         dm.setup()
         extra = {}
@@ -150,7 +149,7 @@ def run_qat(cfg: DictConfig) -> dict | None:
     cfg, hw = resolve_config(cfg, trains=True)
     with quantized_engine(cfg.quant.backend):  # the INT8 kernels of every step below
         flow = get_flow(cfg.quant.flow)
-        check_mixed(cfg.quant)
+        check_mixed(cfg.quant, flow)
         if cfg.quant.mixed.max_drop is not None:
             raise QlabError("quant.mixed.max_drop chooses float islands by PTQ; for QAT, pass the "
                             "ops it chose: quant.float_layers=[...] (the PTQ run's metrics.json, "
@@ -160,9 +159,7 @@ def run_qat(cfg: DictConfig) -> dict | None:
                             "it chose: quant.weight_bits={op: 4, ...} (the PTQ run's "
                             "metrics.json, int8.weight_bits.4).")
         dm = build_datamodule(cfg)
-        weights, fp32_metrics = fp32_weights_path(cfg)
-        model_cfg = fp32_model_config(cfg, fp32_metrics)
-        model = instantiate(model_cfg, num_classes=dm.num_classes)
+        model, weights, model_cfg = fp32_model(cfg, dm.num_classes)  # the callback loads the weights
         callback = flow.qat_callback(cfg.quant, weights, example_input(dm))
         lit = build_lit(cfg, model, dm)
         trainer = build_trainer(cfg, [callback])

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from qlab import artifacts
 from qlab.errors import QlabError
-from qlab.quant.flows import Flow
+from qlab.quant.flows import Flow, flows_with
 from qlab.quant.mixed import make_float_islands, plain_8bit, quantized_gemms, weight_bits_record
 from qlab.quant.ptq import calibrate, qconfig_from_cfg
 from qlab.quant.sensitivity import Simulation, accuracy, find_ops
@@ -24,20 +24,21 @@ from qlab.stages.sensitivity import normalized_batches, subset
 log = logging.getLogger(__name__)
 
 
-def check_mixed(quant: DictConfig) -> None:
-    """Float islands exist in the eager and PT2E flows; 4-bit weights and the automatic modes
-    in the eager flow only."""
+def check_mixed(quant: DictConfig, flow: Flow) -> None:
+    """What the flow takes of the mixed-precision options (Flow.float_islands, .mixed_bits),
+    and the automatic modes' targets."""
     mixed = quant.get("mixed", {})
     max_drop, size_mb = mixed.get("max_drop"), mixed.get("size_mb")
-    if quant.get("float_layers") and quant.flow not in ("eager", "pt2e"):
-        raise QlabError(f"quant.float_layers works with quant.flow=eager or pt2e; this run asks "
-                        f"for quant.flow={quant.flow}. Drop it, or use one of those flows.")
+    if quant.get("float_layers") and not flow.float_islands:
+        raise QlabError(f"quant.float_layers does not work with quant.flow={flow.name}; use a flow "
+                        f"that keeps ops in float ({', '.join(flows_with('float_islands'))}), "
+                        f"or drop it.")
     wanted = [k for k, on in (("quant.weight_bits", not plain_8bit(quant.get("weight_bits", 8))),
                               ("quant.mixed.max_drop", max_drop is not None),
                               ("quant.mixed.size_mb", size_mb is not None)) if on]
-    if wanted and quant.flow != "eager":
-        raise QlabError(f"{' / '.join(wanted)} work with quant.flow=eager; this run asks for "
-                        f"quant.flow={quant.flow}. Drop them, or use the eager flow.")
+    if wanted and not flow.mixed_bits:
+        raise QlabError(f"{' / '.join(wanted)} do not work with quant.flow={flow.name}; use "
+                        f"{' or '.join(flows_with('mixed_bits'))}, or drop them.")
     if max_drop is not None and not float(max_drop) >= 0:
         raise QlabError(f"quant.mixed.max_drop={max_drop}: accuracy points, >= 0 (null: off).")
     if size_mb is not None and not float(size_mb) > 0:

@@ -42,9 +42,14 @@ def fp32_model_config(cfg: DictConfig, fp32_metrics: dict) -> DictConfig:
     return OmegaConf.create(model_cfg) if model_cfg else cfg.model
 
 
-def load_fp32(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Path, DictConfig]:
-    """Build the FP32 model the run used and load its weights."""
+def fp32_model(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Path, DictConfig]:
+    """The FP32 run's architecture, freshly initialised, with the path of its weights."""
     path, metrics = fp32_weights_path(cfg)
     model_cfg = fp32_model_config(cfg, metrics)
-    model = instantiate(model_cfg, num_classes=num_classes)
+    return instantiate(model_cfg, num_classes=num_classes), path, model_cfg
+
+
+def load_fp32(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Path, DictConfig]:
+    """Build the FP32 model the run used and load its weights."""
+    model, path, model_cfg = fp32_model(cfg, num_classes)
     return load_fp32_weights(model, path), path, model_cfg

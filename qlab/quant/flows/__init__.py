@@ -17,9 +17,18 @@ FLOWS = {"eager": "qlab.quant.flows.eager:EagerFlow", "pt2e": "qlab.quant.flows.
          "ort": "qlab.quant.flows.ort:OrtStaticFlow"}
 
 
+def _flow_class(name: str) -> type[Flow]:
+    module, cls = FLOWS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def get_flow(name: str) -> Flow:
     """The flow called `name` (quant.flow)."""
     if name not in FLOWS:
         raise QlabError(f"quant.flow={name!r} is not known; use one of {', '.join(FLOWS)}.")
-    module, cls = FLOWS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return _flow_class(name)()
+
+
+def flows_with(feature: str) -> list[str]:
+    """The quant.flow names whose Flow has `feature` (a boolean class attribute) set."""
+    return [f"quant.flow={name}" for name in FLOWS if getattr(_flow_class(name), feature)]
