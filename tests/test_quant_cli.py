@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from qlab import artifacts
 from qlab.hardware import resolve_engine
 
 from conftest import AVX2_ONLY, TINY, X86, read_metrics, run_cli
@@ -109,6 +110,51 @@ def test_report_marks_missing_stages(tmp_path):
     report = json.loads((tmp_path / "only" / "report.json").read_text())
     assert report["missing"] == ["ptq", "qat"]
     assert "| PTQ | missing |" in proc.stdout
+
+
+def test_report_figure_shows_every_variant_by_size_and_latency(tmp_path):
+    """Each model a named point on both trade-off charts, names not on top of one another, even
+    where variants lie close together; only FP32 trained here (QAT variants have no curves)."""
+    from matplotlib.text import Text
+
+    from qlab.stages.report import report_figure
+
+    classes = ["a", "b"]
+    found, rows = {}, []
+    variants = [("fp32", 7.9, 89.88, 10.9, None), ("ptq", 2.01, 88.98, 9.9, None),
+                ("ptq-s12", 2.01, 88.84, 1.57, None), ("ptq-s12-pt2e", 2.00, 88.88, 2.15, None),
+                ("ptq-s12-ceil", 2.01, 89.60, 1.40, None), ("ptq-torch", 2.01, 89.78, 9.6, None),
+                ("qat-s12-ceil-w4", 1.03, 89.28, 1.93, "4-bit weights"),
+                ("ptq-s12-ceil-w4", 1.03, 87.88, 1.40, "4-bit weights")]
+    for stage, size, acc, lat, prec in variants:
+        found[stage] = {"confusion_matrix": [[3, 1], [0, 4]], "classes": classes, "accuracy": acc}
+        rows.append({"model": stage.upper(), "missing": False, "size_mb": size, "accuracy": acc,
+                     "latency_ms": lat, "precision": prec})
+    rows.append({"model": "QAT", "missing": True})
+    (tmp_path / "fp32" / "csv").mkdir(parents=True)
+    (tmp_path / "fp32" / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/loss,train/acc,val/loss,val/acc\n0,9,1.5,0.4,,\n0,9,,,1.4,0.5\n"
+        "1,19,1.2,0.6,,\n1,19,,,1.1,0.65\n")
+    fig = report_figure(tmp_path, found, rows)
+    try:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert titles[:2] == ["FP32: loss", "FP32: accuracy"]
+        charts = {ax.get_xlabel(): ax for ax in fig.axes if ax.get_title().startswith("accuracy vs")}
+        assert set(charts) == {"size (MB)", "latency (ms, one image)"}
+        renderer = fig.canvas.get_renderer()
+        for ax in charts.values():
+            assert ax.get_ylabel() == "test accuracy (%)" and ax.get_xscale() == "log"
+            names = [t for t in ax.texts if t.get_text() in {r["model"] for r in rows}]
+            assert sorted(t.get_text() for t in names) == sorted(v[0].upper() for v in variants)
+            boxes = [Text.get_window_extent(t, renderer) for t in names]
+            assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+            colours = {tuple(line.get_color()) if not isinstance(line.get_color(), str)
+                       else line.get_color() for line in ax.lines if line.get_marker() == "o"}
+            assert colours == {"tab:blue", "tab:orange"}  # mixed precision stands out
+        confusion = [t for t in titles if "(" in t and "%" in t]
+        assert len(confusion) == len(variants)
+    finally:
+        artifacts.plt.close(fig)
 
 
 @pytest.mark.parametrize("script,stage", [("quantize.py", "ptq"), ("train.py", "qat")])

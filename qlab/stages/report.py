@@ -127,61 +127,97 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot_tradeoff(ax, rows: list[dict], key: str, label: str) -> None:
-    """Accuracy against `key` (size or latency): each model a labelled point, FP32 a line."""
+def _place_labels(ax, points: list[tuple[float, float, str]]) -> None:
+    """Write each point's name beside it, moving a name up or down (a few rows at most) until it
+    overlaps no name placed before it, so that close variants stay readable."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
+    offsets = [(5, 3)] + [(5, 3 + sign * 11 * k) for k in range(1, 5) for sign in (-1, 1)]
+    for x, y, text in sorted(points, key=lambda p: (-p[1], p[0])):
+        for dx, dy in offsets:
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy),
+                               fontsize=8, arrowprops=None if dy == 3 else
+                               {"arrowstyle": "-", "lw": 0.4, "color": "0.5"})
+            note.update_positions(renderer)
+            box = Text.get_window_extent(note, renderer)  # the name, not its leader line
+            if not any(box.overlaps(other) for other in placed):
+                break
+            if (dx, dy) != offsets[-1]:
+                note.remove()
+        placed.append(box)
+
+
+def _plot_tradeoff(ax, rows: list[dict], key: str, what: str) -> list[tuple[float, float, str]]:
+    """Accuracy against `key` (size or latency): each model a point, FP32 a line. Returns the
+    points with their names, for _place_labels once the figure is laid out."""
+    from matplotlib.ticker import FormatStrFormatter
+
     points = [r for r in rows if not r["missing"] and r.get(key) is not None]
     for r in points:
-        marker = "*" if r["model"] == "FP32" else "o"
-        ax.plot(r[key], r["accuracy"], marker, ms=10 if marker == "*" else 6)
-        label = r["model"] + (" (" + r["precision"] + ")" if r.get("precision") else "")
-        ax.annotate(label, (r[key], r["accuracy"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+        fp32 = r["model"] == "FP32"
+        ax.plot(r[key], r["accuracy"], "*" if fp32 else "o", ms=11 if fp32 else 6,
+                color="k" if fp32 else ("tab:orange" if r.get("precision") else "tab:blue"))
     fp32 = next((r for r in points if r["model"] == "FP32"), None)
     if fp32 is not None:
         ax.axhline(fp32["accuracy"], color="k", lw=0.8, ls="--", label="FP32")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8, loc="lower right")
     if not points:
-        ax.text(0.5, 0.5, f"no {label}", ha="center", va="center")
-    ax.set_xlabel(label)
+        ax.text(0.5, 0.5, f"no {what}", ha="center", va="center")
+    ax.set_xlabel(what)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"accuracy vs {label}")
+    ax.set_title(f"accuracy vs {what} (orange: mixed precision, report.md says which ops)")
     ax.grid(alpha=0.3)
+    xs = [r[key] for r in points if r[key] > 0]
+    if xs:  # a log axis: FP32 is ~4x the INT8 models, and the INT8 variants lie close together
+        ax.set_xscale("log")
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%g"))  # 2, 5, 10 rather than 10^0
+        ax.set_xlim(min(xs) / 1.15, max(xs) * 1.8)  # room for the names on the right
+    return [(r[key], r["accuracy"], r["model"]) for r in points]
 
 
-def save_figure(path: Path, run: Path, found: dict[str, dict], rows: list[dict]) -> Path:
-    """One PNG: the training curves of every trained stage (FP32, each QAT variant), accuracy
-    against size and against latency for every model, and every model's confusion matrix."""
+def report_figure(run: Path, found: dict[str, dict], rows: list[dict]):
+    """The report's figure: the training curves of every trained stage (FP32, each QAT
+    variant), accuracy against size and against latency for every model (each chart half the
+    width), and every model's confusion matrix."""
     plt = artifacts.plt
     trained = {stage: series for stage in found
                if (series := artifacts.read_epoch_metrics(run / stage / "csv" / "metrics.csv"))}
     ncols = max(4, 2 * len(trained))
     conf_rows = -(-len(found) // ncols)
-    fig, axes = plt.subplots(2 + conf_rows, ncols, figsize=(5.5 * ncols, 5 * (2 + conf_rows)),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig = plt.figure(figsize=(5.5 * ncols, 5 * (2 + conf_rows) + 2))
+    grid = fig.add_gridspec(2 + conf_rows, ncols, height_ratios=[1, 1.4] + [1] * conf_rows)
     for i, (stage, series) in enumerate(trained.items()):
-        a, b = axes[0, 2 * i], axes[0, 2 * i + 1]
-        a.set_axis_on()
-        b.set_axis_on()
-        artifacts.plot_curves(a, b, series, stage.upper())
+        artifacts.plot_curves(fig.add_subplot(grid[0, 2 * i]), fig.add_subplot(grid[0, 2 * i + 1]),
+                              series, stage.upper())
     if not trained:
-        axes[0, 0].text(0.5, 0.5, "no training curves (no fp32/qat csv)", ha="center",
-                        va="center")
-    for ax, key, label in ((axes[1, 0], "size_mb", "size (MB)"),
-                           (axes[1, 1], "latency_ms", "latency (ms, one image)")):
-        ax.set_axis_on()
-        _plot_tradeoff(ax, rows, key, label)
+        ax = fig.add_subplot(grid[0, :])
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no training curves (no fp32/qat csv)", ha="center", va="center")
+    half, tradeoffs = ncols // 2, []
+    for cols, key, what in ((slice(0, half), "size_mb", "size (MB)"),
+                            (slice(half, ncols), "latency_ms", "latency (ms, one image)")):
+        ax = fig.add_subplot(grid[1, cols])
+        tradeoffs.append((ax, _plot_tradeoff(ax, rows, key, what)))
     for i, (stage, m) in enumerate(found.items()):
-        ax = axes[2 + i // ncols, i % ncols]
+        ax = fig.add_subplot(grid[2 + i // ncols, i % ncols])
         if m.get("confusion_matrix"):
-            ax.set_axis_on()
             artifacts.plot_confusion(ax, torch.tensor(m["confusion_matrix"]), m["classes"],
                                      f"{stage.upper()} ({m['accuracy']:.2f}%)")
         else:
+            ax.set_axis_off()
             ax.text(0.5, 0.5, f"{stage.upper()}: no confusion matrix", ha="center", va="center")
     fig.tight_layout()
-    return artifacts.save_fig(fig, path)
+    for ax, points in tradeoffs:  # where the names go depends on the final layout
+        _place_labels(ax, points)
+    return fig
+
+
+def save_figure(path: Path, run: Path, found: dict[str, dict], rows: list[dict]) -> Path:
+    """report.png (report_figure), written atomically."""
+    return artifacts.save_fig(report_figure(run, found, rows), path)
 
 
 def sensitivity_notes(run: Path, found: dict[str, dict], worst: int = 5) -> tuple[list[str], dict]:
