@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -44,3 +45,20 @@ def measure_latency(
         "runs": runs,
         "threads": used,
     }
+
+
+def cpu_load() -> dict:
+    """The CPU's 1-minute load average and core count, read before timing: on a busy CPU the
+    latency figures say more about the other work than about the models."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"load_1min": load, "cores": os.cpu_count()}
+
+
+def load_warning(load: dict) -> str | None:
+    """A sentence for the report when the CPU was busy (load average of 1 or more) as timing
+    began, else None."""
+    if load.get("load_1min") is None or load["load_1min"] < 1.0:
+        return None
+    return (f"The CPU was busy when timing began (1-minute load average {load['load_1min']:.1f} "
+            f"on {load['cores']} cores): the latency and speedup figures are not comparable "
+            f"with other runs; run stage=report again on an otherwise idle CPU.")

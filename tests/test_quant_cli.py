@@ -1,6 +1,7 @@
 """fp32 -> ptq -> qat -> report through the real entry points, on tiny synthetic data."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -109,6 +110,10 @@ def test_report_marks_missing_stages(tmp_path):
     proc = run_cli("quantize.py", "stage=report", "name=only", *QUICK, outputs=tmp_path)
     report = json.loads((tmp_path / "only" / "report.json").read_text())
     assert report["missing"] == ["ptq", "qat"]
+    load = report["cpu_load"]  # read before timing, and said in report.md when the CPU was busy
+    assert load["cores"] == os.cpu_count() and load["load_1min"] >= 0
+    busy = "The CPU was busy when timing began" in (tmp_path / "only" / "report.md").read_text()
+    assert busy == (load["load_1min"] >= 1.0)
     assert "| PTQ | missing |" in proc.stdout
 
 
@@ -155,6 +160,15 @@ def test_report_figure_shows_every_variant_by_size_and_latency(tmp_path):
         assert len(confusion) == len(variants)
     finally:
         artifacts.plt.close(fig)
+
+
+def test_a_busy_cpu_is_named_beside_the_latency():
+    from qlab.bench import load_warning
+
+    assert load_warning({"load_1min": 0.4, "cores": 2}) is None
+    assert load_warning({"load_1min": None, "cores": 2}) is None  # no load average here
+    busy = load_warning({"load_1min": 5.9, "cores": 2})
+    assert "1-minute load average 5.9 on 2 cores" in busy and "idle CPU" in busy
 
 
 @pytest.mark.parametrize("script,stage", [("quantize.py", "ptq"), ("train.py", "qat")])

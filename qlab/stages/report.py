@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from qlab import artifacts
-from qlab.bench import measure_latency
+from qlab.bench import cpu_load, load_warning, measure_latency
 from qlab.errors import QlabError
 from qlab.hardware import quantized_engine, resolve_config
 from qlab.runtimes import StageFiles, load_runtimes
@@ -363,6 +363,9 @@ def run_report(cfg: DictConfig) -> dict:
         raise QlabError(f"Nothing to report under {run}: run `python train.py stage=fp32 "
                         f"name={cfg.name}` (then quantize.py stage=ptq, train.py stage=qat) first.")
     cfg, hw = resolve_config(cfg, trains=False)
+    load = cpu_load()
+    if busy := load_warning(load):
+        log.warning(busy)
     with quantized_engine(cfg.quant.backend):  # INT8 weights are repacked for it when loaded
         latency = remeasure_latency(run, found, cfg)
     rows = build_rows(found, latency)
@@ -386,6 +389,7 @@ def run_report(cfg: DictConfig) -> dict:
         f"({hw['cpu_capability']}, int8 pair sums saturate at int16: "
         f"{'yes' if hw.get('int8_saturates') else 'no'})"
         f"{', ISA limited by ' + str(hw['isa_limits']) if hw.get('isa_limits') else ''}.", "",
+        *((f"**{busy}**", "") if busy else ()),
         table, "",
         *((f"Missing: {', '.join(missing)} (not run yet).", "") if missing else ()),
         "Selection and test-time augmentation:", "", *selection_notes(found), *tta_notes(found),
@@ -410,7 +414,7 @@ def run_report(cfg: DictConfig) -> dict:
               "selected_on": {s: m.get("selected_on") for s, m in found.items()},
               "tta": {s: m.get("tta", "none") for s, m in found.items()},
               "sensitivity": worst, "integer": integer,
-              "latency": latency,
+              "latency": latency, "cpu_load": load,
               "threads": cfg.bench.threads or torch.get_num_threads(), "hardware": hw,
               "made_on": {s: m.get("hardware") for s, m in found.items()}}
     artifacts.write_json(run / "report.json", report)
