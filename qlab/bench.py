@@ -6,6 +6,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -47,18 +48,40 @@ def measure_latency(
     }
 
 
-def cpu_load() -> dict:
-    """The CPU's 1-minute load average and core count, read before timing: on a busy CPU the
-    latency figures say more about the other work than about the models."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all cores from /proc/stat (Linux), else None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_load(seconds: float = 1.0) -> dict:
+    """How busy the CPU is before timing, while this process sleeps: `busy_cores`, the cores'
+    worth of work other processes did over `seconds` (/proc/stat; the 1-minute load average
+    elsewhere, which also counts work that just ended). On a busy CPU the latency figures say
+    more about the other work than about the models."""
+    cores = os.cpu_count() or 1
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(seconds)
+        after = _cpu_times()
+        if after is not None and after[1] > before[1]:
+            share = (after[0] - before[0]) / (after[1] - before[1])
+            return {"busy_cores": round(share * cores, 2), "cores": cores,
+                    "measured": f"/proc/stat over {seconds:g} s"}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"load_1min": load, "cores": os.cpu_count()}
+    return {"busy_cores": load, "cores": cores, "measured": "1-minute load average"}
 
 
 def load_warning(load: dict) -> str | None:
-    """A sentence for the report when the CPU was busy (load average of 1 or more) as timing
-    began, else None."""
-    if load.get("load_1min") is None or load["load_1min"] < 1.0:
+    """A sentence for the report when other work kept half a core or more busy as timing began,
+    else None."""
+    if load.get("busy_cores") is None or load["busy_cores"] < 0.5:
         return None
-    return (f"The CPU was busy when timing began (1-minute load average {load['load_1min']:.1f} "
-            f"on {load['cores']} cores): the latency and speedup figures are not comparable "
-            f"with other runs; run stage=report again on an otherwise idle CPU.")
+    return (f"The CPU was busy when timing began ({load['busy_cores']:.1f} of {load['cores']} "
+            f"cores in use by other work, {load['measured']}): the latency and speedup figures "
+            f"are not comparable with other runs; run stage=report again on an otherwise idle "
+            f"CPU.")

@@ -251,7 +251,8 @@ def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
     assert convs and all(made_by.get(n.input[1]) == "DequantizeLinear" for n in convs)
     proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=ort",
                    "quant.float_layers=[fc]", *R20, outputs=tmp_path, check=False)
-    assert proc.returncode == 2 and "quant.flow=eager or pt2e" in proc.stderr
+    assert proc.returncode == 2 and "quant.float_layers does not work with quant.flow=ort" in proc.stderr
+    assert "(quant.flow=eager, quant.flow=pt2e)" in proc.stderr
 
     # automatic: coarse scales (max_shift=2) cost accuracy; ops go back to float, the most
     # helpful first, until the validation drop is within 0 points

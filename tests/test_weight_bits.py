@@ -314,7 +314,7 @@ def test_weight_bits_and_size_target_through_the_cli(tmp_path):
     proc = run_cli("quantize.py", "stage=ptq", "name=m", "tag=-x", "quant.flow=pt2e",
                    "quant.weight_bits=4", *R20, outputs=tmp_path, check=False)
     assert proc.returncode == 2
-    assert "quant.weight_bits do not work with quant.flow=pt2e; use quant.flow=eager" in proc.stderr
+    assert "quant.weight_bits does not work with quant.flow=pt2e; use quant.flow=eager" in proc.stderr
     proc = run_cli("train.py", "stage=qat", "name=m", "tag=-y", "quant.mixed.size_mb=0.1", *R20,
                    outputs=tmp_path, check=False)
     assert proc.returncode == 2 and "quant.weight_bits={op: 4, ...}" in proc.stderr

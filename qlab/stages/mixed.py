@@ -37,7 +37,8 @@ def check_mixed(quant: DictConfig, flow: Flow) -> None:
                               ("quant.mixed.max_drop", max_drop is not None),
                               ("quant.mixed.size_mb", size_mb is not None)) if on]
     if wanted and not flow.mixed_bits:
-        raise QlabError(f"{' / '.join(wanted)} do not work with quant.flow={flow.name}; use "
+        raise QlabError(f"{' / '.join(wanted)} {'does' if len(wanted) == 1 else 'do'} not work "
+                        f"with quant.flow={flow.name}; use "
                         f"{' or '.join(flows_with('mixed_bits'))}, or drop them.")
     if max_drop is not None and not float(max_drop) >= 0:
         raise QlabError(f"quant.mixed.max_drop={max_drop}: accuracy points, >= 0 (null: off).")

@@ -152,9 +152,9 @@ def _place_labels(ax, points: list[tuple[float, float, str]]) -> None:
 def _plot_tradeoff(ax, rows: list[dict], key: str, what: str) -> list[tuple[float, float, str]]:
     """Accuracy against `key` (size or latency): each model a point, FP32 a line. Returns the
     points with their names, for _place_labels once the figure is laid out."""
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import LogFormatter
 
-    points = [r for r in rows if not r["missing"] and r.get(key) is not None]
+    points = [r for r in rows if not r["missing"] and (r.get(key) or 0) > 0]  # log axis
     for r in points:
         fp32 = r["model"] == "FP32"
         ax.plot(r[key], r["accuracy"], "*" if fp32 else "o", ms=11 if fp32 else 6,
@@ -169,11 +169,11 @@ def _plot_tradeoff(ax, rows: list[dict], key: str, what: str) -> list[tuple[floa
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"accuracy vs {what} (orange: mixed precision, report.md says which ops)")
     ax.grid(alpha=0.3)
-    xs = [r[key] for r in points if r[key] > 0]
+    xs = [r[key] for r in points]
     if xs:  # a log axis: FP32 is ~4x the INT8 models, and the INT8 variants lie close together
         ax.set_xscale("log")
-        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            axis(FormatStrFormatter("%g"))  # 2, 5, 10 rather than 10^0
+        ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # 1, 10 not 10^0
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.set_xlim(min(xs) / 1.15, max(xs) * 1.8)  # room for the names on the right
     return [(r[key], r["accuracy"], r["model"]) for r in points]
 

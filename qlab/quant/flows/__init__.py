@@ -30,5 +30,6 @@ def get_flow(name: str) -> Flow:
 
 
 def flows_with(feature: str) -> list[str]:
-    """The quant.flow names whose Flow has `feature` (a boolean class attribute) set."""
+    """The quant.flow names whose Flow has `feature` (a boolean class attribute) set; it imports
+    every flow, so it is for error messages only."""
     return [f"quant.flow={name}" for name in FLOWS if getattr(_flow_class(name), feature)]

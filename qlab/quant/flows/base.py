@@ -32,7 +32,7 @@ class Flow(ABC):
     kind: str | None = None     # its scales when not quant.kind's
     deployed_form: str | None = None  # the runtime export() returns when it is not the converted
                                       # model itself (its test accuracy is then measured too)
-    float_islands: bool = True  # takes quant.float_layers (named ops kept in float)
+    float_islands: bool = False  # takes quant.float_layers (named ops kept in float)
     mixed_bits: bool = False    # takes 4-bit weights and the automatic quant.mixed modes
 
     @abstractmethod

@@ -35,6 +35,7 @@ def _four_bit_qconfigs(quant: DictConfig, *, qat: bool):
 
 class EagerFlow(Flow):
     name = "eager"
+    float_islands = True
     mixed_bits = True
 
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:

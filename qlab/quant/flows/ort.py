@@ -102,7 +102,6 @@ class OrtStaticFlow(Flow):
     name = "ort"
     kernels = "onnxruntime"
     kind = "onnxruntime-minmax"  # its own scales, not po2
-    float_islands = False
 
     def prepare_ptq(self, model: nn.Module, quant: DictConfig, example: Tensor) -> nn.Module:
         if quant.target != "portable":

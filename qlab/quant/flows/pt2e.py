@@ -66,6 +66,7 @@ def _parameter_read_by(node: torch.fx.Node) -> str:
 
 class Pt2eFlow(Flow):
     name = "pt2e"
+    float_islands = True  # keep_in_float drops the named ops' annotations
     # inductor lowers the x86 quantizer's patterns to oneDNN qconv/qlinear (the deployed ONNX
     # file runs on ONNX Runtime's MLAS); the exactness check is oneDNN's
     kernels = "onednn"
