@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,13 +40,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) then rename tmp to path, so a crash never leaves half a file at path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the suffix kept: some writers (torch.export.save) name their contents after the file
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    # the file's own name, in a private folder beside it: torch.save, torch.jit.save and
+    # torch.export.save name the records inside their archives after the file, so a temporary
+    # name would make the same model's file size (size_mb) differ from run to run
+    folder = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = folder / path.name
     try:
+        folder.mkdir(exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # this process's own folder
     return path
 
 

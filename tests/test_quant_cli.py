@@ -163,6 +163,33 @@ def test_report_figure_shows_every_variant_by_size_and_latency(tmp_path):
         artifacts.plt.close(fig)
 
 
+def test_saved_files_do_not_depend_on_the_temporary_name(tmp_path, monkeypatch):
+    """size_mb is a file size: the same model saved by two processes gives the same bytes, and
+    a failed write leaves neither a file nor a temporary folder behind."""
+    import zipfile
+
+    from qlab.models import build_resnet20
+
+    model = build_resnet20(num_classes=10)
+    sizes = []
+    for pid, folder in ((7, "a"), (123456, "b")):
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        sizes.append(artifacts.save_state_dict(tmp_path / folder / "model.pt", model))
+        names = zipfile.ZipFile(tmp_path / folder / "model.pt").namelist()
+        assert all(n.startswith("model/") for n in names)  # the archive is named after the file
+    assert sizes[0] == sizes[1]
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        artifacts.atomic_write(tmp_path / "a" / "model.pt", fail)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.pt"]
+    assert zipfile.ZipFile(tmp_path / "a" / "model.pt").namelist()  # the old file is intact
+
+
 def test_a_busy_cpu_is_named_beside_the_latency():
     from qlab.bench import load_warning
 
