@@ -114,8 +114,8 @@ def run_ptq(cfg: DictConfig) -> dict:
     cfg, hw = resolve_config(cfg, trains=False)
     with quantized_engine(cfg.quant.backend):  # the INT8 kernels of every step below
         flow = get_flow(cfg.quant.flow)
+        check_mixed(cfg.quant, flow)  # a bad option is refused before any data is read
         dm = build_datamodule(cfg)
-        check_mixed(cfg.quant, flow)
         model, weights, model_cfg = load_fp32(cfg, dm.num_classes)
         dm.setup()
         extra = {}
