@@ -24,7 +24,7 @@ from qlab.data import CIFAR_MEAN as MEAN
 from qlab.data import CIFAR_STD as STD
 from qlab.data import synthetic_split
 from qlab.hardware import native_cpu_bf16, resolve_precision
-from qlab.models import build_mobilenet_v2, build_resnet18, build_resnet20, build_resnet50
+from qlab.models import build_airnet, build_mobilenet_v2, build_resnet18, build_resnet20, build_resnet50
 from qlab.module import LitClassifier
 from qlab.quant.qat import QATCallback
 from qlab.quant.qconfig import build_qconfig
@@ -48,7 +48,7 @@ class StepClock(L.Callback):
 
 
 BUILDERS = {"resnet50": build_resnet50, "resnet20": build_resnet20, "mobilenet_v2": build_mobilenet_v2,
-            "resnet18": build_resnet18}
+            "resnet18": build_resnet18, "airnet": build_airnet}
 
 
 def make_lit(stem: str, channels_last: bool, model: str = "resnet50") -> LitClassifier:
@@ -124,11 +124,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--models", default="resnet50,resnet20,mobilenet_v2",
                    help="architectures compared in one run (Lightning step, the precision "
-                        "trainer.precision=auto picks, channels_last, and fp32 QAT)")
+                        "trainer.precision=auto picks, channels_last, and fp32 QAT), any of "
+                        + ", ".join(BUILDERS))
     p.add_argument("--models-only", action="store_true", help="only the architecture comparison")
     p.add_argument("--bf16", action="store_true",
                    help="also time bf16 on a CPU that only emulates it (about 10x slower than fp32)")
     args = p.parse_args()
+    unknown = sorted(set(args.models.split(",")) - set(BUILDERS))
+    if unknown:
+        p.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(BUILDERS)}")
     n = args.batch * (args.steps + args.warmup + 1)
     x, y = synthetic_split(num_images=n, num_classes=10, image_size=32, noise=0.1, seed=0,
                            split="train")
