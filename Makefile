@@ -22,7 +22,7 @@ test: $(STAMP)  ## fast tests, then the 2-process DDP tests, the slow ones and t
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q -m "ddp or slow or realdata or cross"
 
-test-slow: $(STAMP)  ## minutes: QAT resume, the testbed (ResNet-20) quantization guard
+test-slow: $(STAMP)  ## minutes: the end-to-end CLI runs, QAT resume, the testbed quantization guard
 	$(PY) -m pytest -q -m slow
 
 test-realdata: $(STAMP)  ## needs ../shared/data/cifar10-jpeg.tar.gz

@@ -86,6 +86,7 @@ def test_residual_add_inputs_are_int8_or_fused_as_configured(residual_add):
     assert all(dequantized) if residual_add == "int8" else not any(dequantized)
 
 
+@pytest.mark.slow  # several torch.export graphs: tens of seconds
 def test_float_islands_in_the_pt2e_flow():
     """quant.float_layers: the named conv/linear read float weights and inputs; every other
     conv keeps its int8 weights; the graph still runs, and a wrong name is explained."""
@@ -158,6 +159,7 @@ def _bn_training_flags(gm) -> set:
     return {n.args[5] for n in gm.graph.nodes if n.target in _BATCH_NORMS}
 
 
+@pytest.mark.slow  # export, fake-quant training and conversion: tens of seconds
 def test_qat_pt2e_trains_freezes_on_schedule_and_converts_to_po2():
     """The PT2E QAT callback on a LightningModule-like holder: fake-quant training steps move
     the weights, BN freezing survives train()/eval() switches, frozen observers stop moving the

@@ -30,6 +30,7 @@ def fp32_run(fp32_seed, tmp_path):
     return tmp_path / "outputs"
 
 
+@pytest.mark.slow  # end to end through the CLI: tens of seconds
 def test_ptq_qat_report(fp32_run):
     run_cli("quantize.py", "stage=ptq", "name=q", *QUICK, outputs=fp32_run)
     ptq = fp32_run / "q" / "ptq"
@@ -56,9 +57,13 @@ def test_ptq_qat_report(fp32_run):
         acc = 100.0 * (scripted(x.float() / 255).argmax(1) == y).float().mean().item()
     assert acc == pytest.approx(m["accuracy"])
 
-    run_cli("train.py", "stage=qat", "name=q", *QUICK, outputs=fp32_run)
+    # QUICK carries the FP32 stage's optimizer.lr=0.05; QAT fine-tunes at quant.qat.lr all the same
+    proc = run_cli("train.py", "stage=qat", "name=q", *QUICK, "quant.qat.lr=0.002",
+                   outputs=fp32_run)
+    assert "optimizer.lr=0.05 from the command line is the FP32 stage's" in proc.stdout + proc.stderr
     qat = fp32_run / "q" / "qat"
     mq = read_metrics(qat / "metrics.json")
+    assert mq["lr"] == 0.002 and mq["quant"]["qat"]["lr"] == 0.002
     assert (qat / "curves.png").is_file() and (qat / "model_int8.pt").is_file()
     assert mq["stage"] == "qat" and 23.5 < mq["size_mb"] < 24.3
     assert "fake_quant_accuracy" in mq and mq["epochs"] == 1
@@ -89,6 +94,7 @@ def test_ptq_qat_report(fp32_run):
     assert f"- ptq: calibrated on {read_metrics(ptq / 'metrics.json')['calib_images']}" in text
 
 
+@pytest.mark.slow  # end to end through the CLI: tens of seconds
 @pytest.mark.skipif(not X86, reason="x86 kernels")
 def test_full_int8_weights_are_refused_where_the_kernels_saturate(fp32_run):
     # an AVX2-only CPU, reproduced here by the kernels' ISA switches: 8-bit weights would
@@ -105,6 +111,7 @@ def test_full_int8_weights_are_refused_where_the_kernels_saturate(fp32_run):
     assert m["hardware"]["isa_limits"] == avx2 and m["int8"]["weight_max"] <= 64
 
 
+@pytest.mark.slow  # end to end through the CLI: tens of seconds
 def test_report_marks_missing_stages(tmp_path):
     run_cli("train.py", "stage=fp32", "name=only", *TINY, outputs=tmp_path)
     proc = run_cli("quantize.py", "stage=report", "name=only", *QUICK, outputs=tmp_path)
@@ -226,6 +233,7 @@ def test_quantizing_without_an_fp32_run_says_how_to_make_one(tmp_path, script, s
     assert "python train.py stage=fp32 name=ghost" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # end to end through the CLI: tens of seconds
 def test_ptq_bad_inputs(tmp_path):
     (tmp_path / "cut.pt").write_bytes(b"\x80\x02garbage")
     proc = run_cli("quantize.py", "stage=ptq", "name=x", f"fp32_ckpt={tmp_path}/cut.pt", *QUICK,
@@ -245,6 +253,7 @@ def test_ptq_bad_inputs(tmp_path):
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-1500:]
 
 
+@pytest.mark.slow  # end to end through the CLI: tens of seconds
 def test_integer_stage_from_ptq_and_qat(fp32_run):
     """stage=integer writes model.json/weights.npz/verify.json, bit-exact with model_int8.pt."""
     for stage, script in (("ptq", "quantize.py"), ("qat", "train.py")):
@@ -271,6 +280,7 @@ def test_integer_stage_from_ptq_and_qat(fp32_run):
     assert v["first_mismatch"]["op"] is not None and v["first_mismatch"]["max_abs_diff"] >= 1
 
 
+@pytest.mark.slow  # end to end through the CLI: tens of seconds
 def test_integer_stage_refusals(fp32_run):
     if not (fp32_run / "q" / "ptq-torch" / "metrics.json").is_file():
         run_cli("quantize.py", "stage=ptq", "name=q", "quant=torch", "tag=-torch", *QUICK,

@@ -85,6 +85,7 @@ def test_fp32_stage_writes_every_output_and_resumes(tmp_path):
     assert len(tested) == 1 and m2["accuracy"] == pytest.approx(100.0 * float(tested[0]["test/acc"]))
 
 
+@pytest.mark.slow  # end to end through the CLI: tens of seconds
 def test_sweep_jobs_get_their_own_folders(tmp_path):
     run_cli("train.py", "-m", "stage=fp32", "name=sw", *TINY, "data.num_train=64",
             "optimizer.lr=0.01,0.02", outputs=tmp_path)

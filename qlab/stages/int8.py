@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +34,8 @@ from qlab.stages.common import (
 )
 from qlab.stages.mixed import check_mixed, choose_float_layers, choose_weight_bits, with_choice
 from qlab.stages.weights import fp32_model, load_fp32
+
+log = logging.getLogger(__name__)
 
 
 def example_input(dm: ImageDataModule) -> torch.Tensor:
@@ -146,6 +149,13 @@ def run_qat(cfg: DictConfig) -> dict | None:
     out = output_dir()
     ckpt_path = resume_path(cfg, out)
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.optimizer.lr != cfg.quant.qat.lr:  # conf/stage/qat.yaml sets one from the other
+        # an FP32 command reused for QAT (one D="..." for every stage) carries the FP32 lr, which
+        # would wreck the trained weights within an epoch: QAT's lr is quant.qat.lr, always
+        log.warning("stage=qat fine-tunes at quant.qat.lr=%s; optimizer.lr=%s from the command "
+                    "line is the FP32 stage's and is not used (set quant.qat.lr=... to change it)",
+                    cfg.quant.qat.lr, cfg.optimizer.lr)
+        cfg.optimizer.lr = cfg.quant.qat.lr
     cfg, hw = resolve_config(cfg, trains=True)
     with quantized_engine(cfg.quant.backend):  # the INT8 kernels of every step below
         flow = get_flow(cfg.quant.flow)
@@ -172,6 +182,7 @@ def run_qat(cfg: DictConfig) -> dict | None:
             "fp32_weights": str(weights),
             "model": OmegaConf.to_container(model_cfg, resolve=True),
             "precision": str(cfg.trainer.precision),
+            "lr": cfg.optimizer.lr,
             "hardware": hw,
         }
         return finish_int8(cfg, cfg.quant, flow, stage="qat", prepared=lit.model, dm=dm,
