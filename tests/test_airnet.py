@@ -246,8 +246,8 @@ def test_experiment_airnet_trains_tests_with_tta_and_quantizes(tmp_path):
     assert json.loads((tmp_path / "a" / "report.json").read_text())["tta"]["ptq"] == "flip_translate"
 
 
-@pytest.mark.parametrize("experiment", ["airnet", "testbed", "resnet20_cpu", "resnet50_cpu",
-                                        "reference", "demo"])
+@pytest.mark.parametrize("experiment", ["airnet", "airnet_wide", "testbed", "resnet20_cpu",
+                                        "resnet50_cpu", "reference", "demo"])
 def test_every_experiment_composes_a_working_schedule_for_fp32_and_qat(experiment):
     """An experiment's scheduler keys must not leak into QAT's cosine (stage=qat overrides the
     scheduler group): both stages' optimizer and scheduler build."""
@@ -266,3 +266,22 @@ def test_every_experiment_composes_a_working_schedule_for_fp32_and_qat(experimen
         scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, **extra)
         if stage == "qat":
             assert type(scheduler).__name__ == "CosineAnnealingLR"
+
+
+def test_the_testbed_is_the_wide_airnet_with_airnets_recipe():
+    """experiment=testbed = airnet_wide: airbench95's widths and lr on top of experiment=airnet,
+    whose recipe (schedule, TTA, lookahead, per-channel weights) it keeps."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = str(Path(__file__).parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        testbed, airnet = (compose("train", overrides=[f"experiment={e}", "data.root=/x"])
+                           for e in ("testbed", "airnet"))
+    assert list(testbed.model.widths) == [128, 384, 384] and testbed.optimizer.lr == 1.3
+    assert list(airnet.model.widths) == [64, 256, 256] and airnet.optimizer.lr == 1.5
+    for key in ("trainer", "data", "module", "augment", "callbacks", "quant"):
+        assert testbed[key] == airnet[key], key
+    assert testbed.scheduler.max_lr == 1.3  # the schedule peaks at the experiment's own lr
+    assert {**testbed.scheduler, "max_lr": 1.5} == dict(airnet.scheduler)
