@@ -16,7 +16,17 @@ from qlab.models import build_resnet20, randomize_batchnorm
 from qlab.quant.flows.eager import EagerFlow
 from qlab.quant.ptq import calibrate, prepare_ptq
 from qlab.quant.qconfig import build_qconfig
-from qlab.quant.sensitivity import Simulation, accuracy, find_ops, output_stats, sqnr_db, sweeps
+from qlab.quant.sensitivity import (
+    QuantOp,
+    Simulation,
+    accuracy,
+    find_cuts,
+    find_ops,
+    output_stats,
+    per_op_accuracy,
+    sqnr_db,
+    sweeps,
+)
 
 from conftest import read_metrics, run_cli
 
@@ -120,6 +130,60 @@ def test_output_stats_and_sweeps(resnet20_int8):
         assert first.stats["clipped_fraction"] > 0.3  # all but the ReLU zeros
     finally:
         first.scale *= 256
+
+
+def test_sweeps_run_from_cuts_give_the_whole_passes_accuracies(resnet20_int8):
+    fused, int8 = resnet20_int8
+    ops = find_ops(int8, fused, torch.zeros(1, 3, 32, 32))
+    x = _normalized(64, 5)
+    with torch.no_grad():
+        y = fused(x).argmax(1)
+    saved = [(op, op.scale) for op in ops[1::6]]
+    for k, (op, scale) in enumerate(saved):  # output scales that clip, each op its own amount
+        op.scale = scale / 2 ** (3 + k)
+    try:
+        sim = Simulation(fused, ops)
+        cuts = find_cuts(sim, x[:8])
+        # the stem's modules and each residual block of the three stages
+        assert len(cuts.modules) >= 12 and cuts.of[0] is not None
+        assert [c for c in cuts.of if c is not None] == sorted(c for c in cuts.of if c is not None)
+        batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+        cut, whole = per_op_accuracy(sim, batches), per_op_accuracy(sim, batches, cut=False)
+        assert cut == whole
+        assert len({a["accuracy_only_this_quantized"] for a in cut.values()}) >= 3  # not trivial
+        assert len({a["accuracy_only_this_float"] for a in cut.values()}) >= 2
+        gemms = [op.name for op in ops if op.kind == "conv"][:5]
+        some = per_op_accuracy(sim, batches, only_quantized=False, names=gemms)
+        assert list(some) == gemms
+        assert all(some[n] == {"accuracy_only_this_float": cut[n]["accuracy_only_this_float"]}
+                   for n in gemms)
+    finally:
+        for op, scale in saved:
+            op.scale = scale
+
+
+class _Chain(nn.Module):
+    def __init__(self, leak: bool):
+        super().__init__()
+        self.leak = leak
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.body(x).mean((2, 3))
+        return self.fc(h + x.mean() if self.leak else h)  # the input read after every cut
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_a_pass_is_only_cut_where_nothing_else_crosses(leak):
+    torch.manual_seed(0)
+    op = QuantOp(name="body.2", kind="conv", scale=0.05, zero_point=0, qmin=-128, qmax=127)
+    sim = Simulation(_Chain(leak).eval(), [op])
+    cuts = find_cuts(sim, torch.randn(8, 3, 8, 8))
+    if leak:  # the input's mean from one image where the whole batch's is read: no cut holds
+        assert cuts.of == [None] and cuts.modules == []
+    else:
+        assert cuts.modules == [sim.modules["body.2"]] and cuts.of == [0]
 
 
 R20 = ["model=resnet20", "data=synthetic", "data.num_train=160", "data.num_test=64",

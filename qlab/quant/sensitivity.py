@@ -11,6 +11,8 @@ add) is paired with the same op of the FP32 model fused the same way. For each o
   dequantized weights and biases, and a fake-quantize with the converted model's own output
   scale and zero point after each op. With every op switched on it is the converted model up to
   float rounding; `Simulation` reports how close (simulated vs converted accuracy).
+  The sweeps run the part of each pass before the op once per batch, cached at cuts
+  (`find_cuts`), not once per op.
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ class Simulation:
         self.ops = list(ops)
         self.modules = dict(self.model.named_modules())
         self.quantized: set[str] = set()
+        self._weights: dict[str, bool] = {}  # which weights each op holds now (quantized?)
         for op in self.ops:
             hook = self._fake_quant(op.name, op.scale, op.zero_point, op.qmin, op.qmax)
             _hook_point(self.modules[op.name]).register_forward_hook(hook)
@@ -196,14 +199,15 @@ class Simulation:
         self.quantized = set(names)
         with torch.no_grad():
             for op in self.ops:
-                if op.weight is None:
+                q = op.name in self.quantized
+                if op.weight is None or self._weights.get(op.name) == q:
                     continue
                 inner = _weighted(self.modules[op.name])
-                q = op.name in self.quantized
                 inner.weight.copy_(op.weight if q else op.float_weight)
                 bias = op.bias if q else op.float_bias
                 if inner.bias is not None and bias is not None:
                     inner.bias.copy_(bias)
+                self._weights[op.name] = q
         return self
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -267,20 +271,150 @@ def accuracy(model: Callable[[Tensor], Tensor], batches: Sequence[tuple[Tensor, 
     return 100.0 * correct / max(total, 1)
 
 
+class _Halt(Exception):
+    """Raised by a forward pre-hook to end a forward pass early, carrying the module's input."""
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+def _run(model: nn.Module, x: Tensor, start: nn.Module | None = None, state: Tensor | None = None,
+         stop: nn.Module | None = None) -> Tensor:
+    """model's forward pass from `start`, whose input is `state` (the layers before it run on
+    one image, x[:1], and their results are dropped), up to `stop`, whose input it returns, or
+    to the end (the logits). None: from the model's input, to the end."""
+    handles = []
+    if start is not None:
+        handles.append(start.register_forward_pre_hook(lambda mod, args: (state, *args[1:])))
+        x = x[:1]
+    if stop is not None:
+        def halt(mod, args):
+            raise _Halt(args[0])
+        handles.append(stop.register_forward_pre_hook(halt))
+    try:
+        return model(x)
+    except _Halt as h:
+        return h.value
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Cuts:
+    """Points where a forward pass can be cut in two: modules (children of the model or of an
+    nn.Sequential) called once with one tensor, whose input is all that the rest of the pass
+    reads, checked by running the rest from a cached input. `of[i]`: the last cut at or before
+    op i (None: op i comes before every cut), so ops before it are exactly the ops before op i."""
+
+    modules: list[nn.Module]
+    of: list[int | None]
+
+
+@torch.no_grad()
+def find_cuts(sim: Simulation, x: Tensor) -> Cuts:
+    """For each op, the latest cut of the simulation's model at or before it whose rest of the
+    pass, run from the cached input, gives the very logits of the whole pass, bit for bit, on
+    the images x in both states the sweeps cache (all ops float, all quantized)."""
+    model, order, calls, single = sim.model, {}, {}, {}
+    modules = {id(m): m for m in model.modules()}
+    candidates = {id(m) for m in model.children()}
+    for m in model.modules():
+        if type(m) is nn.Sequential:  # containers, not fused modules (ConvReLU2d, ...)
+            candidates |= {id(c) for c in m.children()}
+    handles = []
+    for m in modules.values():
+        def seen(mod, args, kwargs):
+            order.setdefault(id(mod), len(order))
+            calls[id(mod)] = calls.get(id(mod), 0) + 1
+            single[id(mod)] = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
+        handles.append(m.register_forward_pre_hook(seen, with_kwargs=True))
+    try:
+        model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    cuts = sorted((i for i in candidates if calls.get(i) == 1 and single[i]), key=order.get)
+    wholes = []
+    for state in ((), [op.name for op in sim.ops]):
+        sim.set_quantized(state)
+        wholes.append((state, model(x)))
+    valid: dict[int, bool] = {}
+
+    def is_valid(i: int) -> bool:
+        if i not in valid:
+            valid[i] = True
+            for state, whole in wholes:
+                sim.set_quantized(state)
+                try:
+                    rest = _run(model, x, modules[i], _run(model, x, stop=modules[i]))
+                    valid[i] = valid[i] and rest.shape == whole.shape and torch.equal(rest, whole)
+                except Exception:  # noqa: BLE001 - a pass that cannot be cut here fails anyhow
+                    valid[i] = False
+        return valid[i]
+
+    of = []
+    for op in sim.ops:
+        position = order[id(_hook_point(sim.modules[op.name]))]
+        of.append(next((i for i in reversed(cuts) if order[i] <= position and is_valid(i)), None))
+    chosen = sorted({i for i in of if i is not None}, key=order.get)  # in execution order
+    return Cuts([modules[i] for i in chosen], [None if i is None else chosen.index(i) for i in of])
+
+
+def per_op_accuracy(sim: Simulation, batches: Sequence[tuple[Tensor, Tensor]], *,
+                    only_quantized: bool = True, only_float: bool = True,
+                    names: Iterable[str] | None = None, cut: bool = True,
+                    progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """AIMET's two sweeps: for each op (or each op in `names`), the accuracy with only that op
+    quantized and with every op but that one quantized. With `cut`, the part of each pass
+    before the op is not run again per op: it is the same for every later op (all float in the
+    first sweep, all quantized in the second), so it is run once per batch up to each cut
+    (`find_cuts`) and each op's pass starts from the cut before it; the accuracies are the
+    same as whole passes give, bit for bit."""
+    all_names = [op.name for op in sim.ops]
+    wanted = set(all_names if names is None else names)
+    sweeps_to_run = ([("accuracy_only_this_quantized", ())] if only_quantized else []) + \
+        ([("accuracy_only_this_float", all_names)] if only_float else [])
+    correct = {n: {key: 0 for key, _ in sweeps_to_run} for n in all_names if n in wanted}
+    cuts = (find_cuts(sim, batches[0][0][:8]) if cut and batches and isinstance(sim, Simulation)
+            else Cuts([], [None] * len(all_names)))  # (a PT2E graph is one module: no cuts)
+    total = 0
+    with torch.inference_mode():
+        for b, (x, y) in enumerate(batches):
+            for key, prefix in sweeps_to_run:
+                state, at = None, None
+                for i, op in enumerate(sim.ops):
+                    if op.name not in wanted:
+                        continue
+                    c = cuts.of[i]
+                    if c is not None and c != at:  # move the cached input on to cut c
+                        if at is not None and at > c:
+                            at = None  # (ops come in execution order: only if one has no cut)
+                        sim.set_quantized(prefix)
+                        state = _run(sim.model, x, None if at is None else cuts.modules[at],
+                                     state, cuts.modules[c])
+                        at = c
+                    sim.set_quantized([op.name] if key == "accuracy_only_this_quantized"
+                                      else (n for n in all_names if n != op.name))
+                    logits = _run(sim.model, x, None if c is None else cuts.modules[c], state)
+                    correct[op.name][key] += int((logits.argmax(1) == y).sum())
+            total += len(y)
+            if progress:
+                progress(f"batch {b + 1}/{len(batches)}")
+    sim.set_quantized(all_names)
+    return {n: {key: 100.0 * v / max(total, 1) for key, v in d.items()} for n, d in correct.items()}
+
+
 def sweeps(sim: Simulation, batches: Sequence[tuple[Tensor, Tensor]],
-           progress: Callable[[str], None] | None = None) -> dict:
-    """AIMET's two sweeps on the simulation: accuracy with only op i quantized, and with every
-    op but i quantized; plus the all-float and all-quantized accuracies they are read against."""
+           progress: Callable[[str], None] | None = None, cut: bool = True) -> dict:
+    """AIMET's two sweeps on the simulation (per_op_accuracy, into each op's stats), and the
+    all-float and all-quantized accuracies they are read against."""
     names = [op.name for op in sim.ops]
     result = {"float": accuracy(sim.set_quantized(()), batches),
               "quantized": accuracy(sim.set_quantized(names), batches)}
-    for i, op in enumerate(sim.ops):
-        op.stats["accuracy_only_this_quantized"] = accuracy(sim.set_quantized([op.name]), batches)
-        op.stats["accuracy_only_this_float"] = accuracy(
-            sim.set_quantized(n for n in names if n != op.name), batches)
-        if progress:
-            progress(f"{i + 1}/{len(names)} {op.name}")
-    sim.set_quantized(names)
+    for name, accs in per_op_accuracy(sim, batches, cut=cut, progress=progress).items():
+        sim.ops[names.index(name)].stats.update(accs)
     return result
 
 

@@ -18,7 +18,7 @@ from qlab.errors import QlabError
 from qlab.quant.flows import Flow, flows_with
 from qlab.quant.mixed import make_float_islands, plain_8bit, quantized_gemms, weight_bits_record
 from qlab.quant.ptq import calibrate, qconfig_from_cfg
-from qlab.quant.sensitivity import Simulation, accuracy, find_ops
+from qlab.quant.sensitivity import Simulation, accuracy, find_ops, per_op_accuracy
 from qlab.stages.sensitivity import normalized_batches, subset
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,10 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
         # measured on the simulation of this all-INT8 model (qlab.quant.sensitivity)
         fused = _fused(model, layers)
         ops = find_ops(int8, fused, example)
-        sim = Simulation(fused, ops)
-        names = [op.name for op in ops]
-        for op in ops:
-            if op.kind in ("conv", "linear"):
-                gain = accuracy(sim.set_quantized(n for n in names if n != op.name), batches)
-                ranking.append({"name": op.name, "accuracy_only_this_float": gain})
+        gemms = [op.name for op in ops if op.kind in ("conv", "linear")]
+        accs = per_op_accuracy(Simulation(fused, ops), batches, only_quantized=False, names=gemms)
+        ranking = [{"name": n, "accuracy_only_this_float": accs[n]["accuracy_only_this_float"]}
+                   for n in gemms]
         ranking.sort(key=lambda r: -r["accuracy_only_this_float"])
         for r in ranking:
             layers.append(r["name"])
