@@ -306,7 +306,8 @@ class Cuts:
     """Points where a forward pass can be cut in two: modules (children of the model or of an
     nn.Sequential) called once with one tensor, whose input is all that the rest of the pass
     reads, checked by running the rest from a cached input. `of[i]`: the last cut at or before
-    op i (None: op i comes before every cut), so ops before it are exactly the ops before op i."""
+    op i (None: op i comes before every cut), so ops before it are exactly the ops before op i;
+    it never decreases along the ops (a later op can always use an earlier op's cut)."""
 
     modules: list[nn.Module]
     of: list[int | None]
@@ -389,9 +390,7 @@ def per_op_accuracy(sim: Simulation, batches: Sequence[tuple[Tensor, Tensor]], *
                         continue
                     c = cuts.of[i]
                     if c is not None and c != at:  # move the cached input on to cut c
-                        if at is not None and at > c:
-                            at = None  # (ops come in execution order: only if one has no cut)
-                        sim.set_quantized(prefix)
+                        sim.set_quantized(prefix)  # (cuts.of never decreases: see find_cuts)
                         state = _run(sim.model, x, None if at is None else cuts.modules[at],
                                      state, cuts.modules[c])
                         at = c
@@ -413,8 +412,9 @@ def sweeps(sim: Simulation, batches: Sequence[tuple[Tensor, Tensor]],
     names = [op.name for op in sim.ops]
     result = {"float": accuracy(sim.set_quantized(()), batches),
               "quantized": accuracy(sim.set_quantized(names), batches)}
+    by_name = {op.name: op for op in sim.ops}
     for name, accs in per_op_accuracy(sim, batches, cut=cut, progress=progress).items():
-        sim.ops[names.index(name)].stats.update(accs)
+        by_name[name].stats.update(accs)
     return result
 
 
