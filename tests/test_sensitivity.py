@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qlab.hardware import quantized_engine
-from qlab.models import build_resnet20, randomize_batchnorm
+from qlab.models import build_mobilenet_v2, build_resnet20, randomize_batchnorm
 from qlab.quant.flows.eager import EagerFlow
 from qlab.quant.ptq import calibrate, prepare_ptq
 from qlab.quant.qconfig import build_qconfig
@@ -276,6 +276,38 @@ def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
     with pytest.raises(QlabError, match="is not in this model.*conv1, layers.0.conv1"):
         make_float_islands(copy.deepcopy(fused), ["layers.0.conv9"])
     assert isinstance(FloatIsland(nn.Linear(2, 2)).op, nn.Linear)
+
+
+@pytest.mark.parametrize("build", [build_resnet20, build_mobilenet_v2])
+def test_islands_made_after_calibration_are_the_islands_calibrated_again(build):
+    # what makes quant.mixed.max_drop's greedy steps cheap: one calibration serves every step
+    from qlab.errors import QlabError
+    from qlab.quant.mixed import float_islands, islands_after_calibration, weighted_ops
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build()).eval()
+    fused = copy.deepcopy(model)
+    fused.fuse_model(is_qat=False)
+    names = weighted_ops(fused)
+    qconfig = build_qconfig(backend="x86", per_channel=True)
+
+    def calibrated(float_layers):
+        prepared = prepare_ptq(copy.deepcopy(model), qconfig, float_layers=float_layers)
+        calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+        return prepared
+
+    x = _normalized(16, 5)
+    start = calibrated(names[-1:])  # an island given from the start stays one
+    with quantized_engine("x86"), torch.no_grad():
+        for chosen in (names[1:2], names[2::7], names):
+            every = set(chosen) | set(names[-1:])
+            again = EagerFlow().convert(calibrated([n for n in names if n in every]), x[:1])
+            reused = EagerFlow().convert(islands_after_calibration(start, fused, chosen), x[:1])
+            assert float_islands(reused) == float_islands(again) == [n for n in names if n in every]
+            assert torch.equal(reused(x), again(x))
+        assert float_islands(start) == names[-1:]  # the calibrated model is left as it was
+    with pytest.raises(QlabError, match="not a conv or linear op"):
+        islands_after_calibration(start, fused, ["nonexistent.op"])
 
 
 @pytest.mark.slow

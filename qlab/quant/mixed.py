@@ -9,6 +9,7 @@ scales like every other), set through a per-op qconfig before prepare."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch.ao.nn.quantized as nnq
@@ -67,6 +68,35 @@ def make_float_islands(model: nn.Module, names: Sequence[str]) -> list[str]:
         holder = model.get_submodule(parent) if parent else model
         setattr(holder, attr, FloatIsland(getattr(holder, attr)))
     return names
+
+
+def islands_after_calibration(prepared: nn.Module, fused: nn.Module,
+                               names: Sequence[str]) -> nn.Module:
+    """A copy of a calibrated eager model (prepare_ptq + calibrate) with the named ops made float
+    islands, for convert: the same model as preparing with those float_layers and calibrating
+    again, without calibrating again. PTQ observers see float activations whatever is float, so
+    the op's own output observer has seen what the island's quantize would see; the island takes
+    it (and its qconfig), and the op itself comes from `fused`, the float model fused the same
+    way. Observers of the copy no longer update (it is for convert, not more calibration)."""
+    model = copy.deepcopy(prepared)
+    candidates = weighted_ops(fused)
+    for name in dict.fromkeys(str(n) for n in names):
+        if name not in candidates:
+            raise QlabError(f"{name} is not a conv or linear op of this model: "
+                            f"{', '.join(candidates[:6])}{' ...' if len(candidates) > 6 else ''}.")
+        op = model.get_submodule(name)
+        if isinstance(op, FloatIsland):
+            continue
+        observer = getattr(op, "activation_post_process", None)
+        if observer is None:
+            raise QlabError(f"{name} has no calibrated output observer: pass the prepared, "
+                            f"calibrated model.")
+        island = FloatIsland(copy.deepcopy(fused.get_submodule(name)))
+        island.dequant.qconfig = island.quant.qconfig = op.qconfig
+        island.quant.activation_post_process = observer
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, island)
+    return model
 
 
 def weight_bits_of(spec, names: Sequence[str]) -> dict[str, int]:

@@ -174,6 +174,8 @@ class Simulation:
     weights and bias and fake-quantizes its output with the converted model's qparams; a float
     op is the FP32 model's own."""
 
+    cuttable = True  # blocks of the eager model can start a pass (find_cuts)
+
     def __init__(self, fused: nn.Module, ops: Sequence[QuantOp]) -> None:
         self.model = copy.deepcopy(fused).eval()
         self.ops = list(ops)
@@ -378,8 +380,8 @@ def per_op_accuracy(sim: Simulation, batches: Sequence[tuple[Tensor, Tensor]], *
     sweeps_to_run = ([("accuracy_only_this_quantized", ())] if only_quantized else []) + \
         ([("accuracy_only_this_float", all_names)] if only_float else [])
     correct = {n: {key: 0 for key, _ in sweeps_to_run} for n in all_names if n in wanted}
-    cuts = (find_cuts(sim, batches[0][0][:8]) if cut and batches and isinstance(sim, Simulation)
-            else Cuts([], [None] * len(all_names)))  # (a PT2E graph is one module: no cuts)
+    cuts = (find_cuts(sim, batches[0][0][:8]) if cut and batches and sim.cuttable
+            else Cuts([], [None] * len(all_names)))
     total = 0
     with torch.inference_mode():
         for b, (x, y) in enumerate(batches):
@@ -498,6 +500,8 @@ class GraphSimulation:
     each dequantized weight and snapped bias by a switch to the prepared model's float one (BN
     folded the same way). All on is the converted model; all off is the FP32 model fused as
     PT2E fuses it. Ops are named by the module that produces them."""
+
+    cuttable = False  # one graph module: a pass cannot start midway (find_cuts)
 
     def __init__(self, converted: torch.fx.GraphModule, prepared: torch.fx.GraphModule) -> None:
         self.model = copy.deepcopy(converted)

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from qlab import artifacts
 from qlab.errors import QlabError
 from qlab.quant.flows import Flow, flows_with
-from qlab.quant.mixed import make_float_islands, plain_8bit, quantized_gemms, weight_bits_record
+from qlab.quant.mixed import (
+    islands_after_calibration,
+    make_float_islands,
+    plain_8bit,
+    quantized_gemms,
+    weight_bits_record,
+)
 from qlab.quant.ptq import calibrate, qconfig_from_cfg
 from qlab.quant.sensitivity import Simulation, accuracy, find_ops, per_op_accuracy
 from qlab.stages.sensitivity import normalized_batches, subset
@@ -80,23 +86,24 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
                         example: Tensor) -> tuple[nn.Module, dict]:
     """The calibrated, prepared model with the fewest float islands (greedy) that keep the
     validation drop <= quant.mixed.max_drop, and the record of how it was chosen. `model` is the
-    unfused FP32 model; quant.float_layers are islands from the start."""
+    unfused FP32 model; quant.float_layers are islands from the start.
+
+    One calibration serves every step: PTQ observers see float activations whatever is float,
+    so an island quantizes its output with the scale its op's own observer calibrated
+    (islands_after_calibration, the same model as calibrating again). A step is a convert and
+    one pass over the validation images."""
     mixed, quant = cfg.quant.mixed, cfg.quant
     max_drop = float(mixed.max_drop)
     batches = _val_batches(cfg, dm, "quant.mixed.max_drop")
     layers = [str(n) for n in quant.get("float_layers") or []]
-    fp32 = accuracy(_fused(model, []), batches)
-    seen = [0]
-
-    def build(names: list[str]) -> tuple[nn.Module, nn.Module, float]:
-        prepared = flow.prepare_ptq(copy.deepcopy(model).eval(),
-                                    with_choice(quant, float_layers=names), example)
-        seen[0] = calibrate(prepared, dm.calib_dataloader(), batches=quant.calib_batches,
-                            mean=dm.mean, std=dm.std)
-        int8 = flow.convert(prepared, example)
-        return prepared, int8, accuracy(int8, batches)
-
-    prepared, int8, acc = build(layers)
+    plain = _fused(model, [])
+    fp32 = accuracy(plain, batches)
+    calibrated = flow.prepare_ptq(copy.deepcopy(model).eval(), quant, example)
+    seen = calibrate(calibrated, dm.calib_dataloader(), batches=quant.calib_batches,
+                     mean=dm.mean, std=dm.std)
+    int8 = flow.convert(calibrated, example)
+    acc = accuracy(int8, batches)
+    prepared = calibrated
     steps = [{"float_layers": list(layers), "val_accuracy": acc, "drop": fp32 - acc}]
     ranking: list[dict] = []
     if fp32 - acc > max_drop:
@@ -111,7 +118,8 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
         ranking.sort(key=lambda r: -r["accuracy_only_this_float"])
         for r in ranking:
             layers.append(r["name"])
-            prepared, int8, acc = build(layers)
+            prepared = islands_after_calibration(calibrated, plain, layers)
+            acc = accuracy(flow.convert(prepared, example), batches)
             steps.append({"float_layers": list(layers), "val_accuracy": acc, "drop": fp32 - acc})
             log.info("mixed: %d float op(s), validation drop %.2f pt", len(layers), fp32 - acc)
             if fp32 - acc <= max_drop:
@@ -120,7 +128,7 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
               "fp32_val_accuracy": fp32, "val_accuracy": steps[-1]["val_accuracy"],
               "val_drop": steps[-1]["drop"], "met": steps[-1]["drop"] <= max_drop,
               "float_layers": list(layers), "steps": steps, "ranking": ranking,
-              "calib_images": seen[0]}
+              "calib_images": seen}
     if not record["met"]:
         log.warning("quant.mixed.max_drop=%s not met even with every conv/linear op in float "
                     "(drop %.2f pt): adds and the input stay INT8.", max_drop, record["val_drop"])
