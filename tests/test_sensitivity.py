@@ -236,15 +236,22 @@ def test_sensitivity_stage_and_report(tmp_path):
     assert proc.returncode == 2 and "not an INT8 stage" in proc.stderr
 
 
-def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
-    from qlab.errors import QlabError
-    from qlab.quant.mixed import FloatIsland, float_islands, make_float_islands, weighted_ops
+def _model_fused_and_gemms(build):
+    """A seeded random model, it fused for eval, and its conv/linear ops (float island names)."""
+    from qlab.quant.mixed import weighted_ops
 
     torch.manual_seed(0)
-    model = randomize_batchnorm(build_resnet20()).eval()
+    model = randomize_batchnorm(build()).eval()
     fused = copy.deepcopy(model)
     fused.fuse_model(is_qat=False)
-    names = weighted_ops(fused)
+    return model, fused, weighted_ops(fused)
+
+
+def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
+    from qlab.errors import QlabError
+    from qlab.quant.mixed import FloatIsland, float_islands, make_float_islands
+
+    model, fused, names = _model_fused_and_gemms(build_resnet20)
     assert len(names) == 22 and names[0] == "conv1" and names[-1] == "fc"
     assert "layers.3.downsample.0" in names and "conv1.0" not in names  # not inside ConvReLU
 
@@ -282,13 +289,9 @@ def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
 def test_islands_made_after_calibration_are_the_islands_calibrated_again(build):
     # what makes quant.mixed.max_drop's greedy steps cheap: one calibration serves every step
     from qlab.errors import QlabError
-    from qlab.quant.mixed import float_islands, islands_after_calibration, weighted_ops
+    from qlab.quant.mixed import float_islands, islands_after_calibration
 
-    torch.manual_seed(0)
-    model = randomize_batchnorm(build()).eval()
-    fused = copy.deepcopy(model)
-    fused.fuse_model(is_qat=False)
-    names = weighted_ops(fused)
+    model, fused, names = _model_fused_and_gemms(build)
     qconfig = build_qconfig(backend="x86", per_channel=True)
 
     def calibrated(float_layers):
