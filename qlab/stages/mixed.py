@@ -50,6 +50,11 @@ def check_mixed(quant: DictConfig, flow: Flow) -> None:
         raise QlabError(f"quant.mixed.max_drop={max_drop}: accuracy points, >= 0 (null: off).")
     if size_mb is not None and not float(size_mb) > 0:
         raise QlabError(f"quant.mixed.size_mb={size_mb}: megabytes (1e6 bytes), > 0 (null: off).")
+    for key in ("images", "rank_images"):
+        n = mixed.get(key)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise QlabError(f"quant.mixed.{key}={n!r}: a number of validation images, >= 1 "
+                            f"(null: all of them).")
     if max_drop is not None and size_mb is not None:
         raise QlabError("quant.mixed.max_drop and quant.mixed.size_mb are two automatic modes; "
                         "run one. (Float islands chosen by max_drop can be kept with "
@@ -67,12 +72,23 @@ def with_choice(quant: DictConfig, **chosen) -> DictConfig:
     return quant
 
 
-def _val_batches(cfg: DictConfig, dm, what: str) -> list:
-    if not len(dm.splits["val"][1]):
+def _val_batches(cfg: DictConfig, dm, what: str) -> tuple[list, list]:
+    """The validation images an automatic mode judges on (quant.mixed.images, null: all of
+    them) and the seeded subset of those it ranks its candidates on (quant.mixed.rank_images:
+    the first images of the same seeded order, so the ranking images are judged on too)."""
+    count = len(dm.splits["val"][1])
+    if not count:
         raise QlabError(f"{what} chooses on validation images and this run has none: set "
                         f"data.val_split > 0 (it never uses the test split).")
-    return normalized_batches(*subset(dm, "val", cfg.quant.mixed.images, cfg.seed),
-                              mean=dm.mean, std=dm.std, batch_size=dm.eval_batch_size)
+    mixed = cfg.quant.mixed
+    judged = count if mixed.get("images") is None else int(mixed.images)
+    ranked = min(judged, int(mixed.get("rank_images") or judged))
+
+    def batches(n: int) -> list:
+        return normalized_batches(*subset(dm, "val", n, cfg.seed), mean=dm.mean, std=dm.std,
+                                  batch_size=dm.eval_batch_size)
+    judged_batches = batches(judged)
+    return judged_batches, judged_batches if ranked == judged else batches(ranked)
 
 
 def _fused(model: nn.Module, float_layers: list[str]) -> nn.Module:
@@ -91,10 +107,11 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
     One calibration serves every step: PTQ observers see float activations whatever is float,
     so an island quantizes its output with the scale its op's own observer calibrated
     (islands_after_calibration, the same model as calibrating again). A step is a convert and
-    one pass over the validation images."""
+    one pass over the judged validation images (quant.mixed.images); the ranking, the costly
+    part, runs on the first quant.mixed.rank_images of them."""
     mixed, quant = cfg.quant.mixed, cfg.quant
     max_drop = float(mixed.max_drop)
-    batches = _val_batches(cfg, dm, "quant.mixed.max_drop")
+    batches, rank_batches = _val_batches(cfg, dm, "quant.mixed.max_drop")
     layers = [str(n) for n in quant.get("float_layers") or []]
     plain = _fused(model, [])
     fp32 = accuracy(plain, batches)
@@ -112,7 +129,8 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
         fused = _fused(model, layers)
         ops = find_ops(int8, fused, example)
         gemms = [op.name for op in ops if op.kind in ("conv", "linear")]
-        accs = per_op_accuracy(Simulation(fused, ops), batches, only_quantized=False, names=gemms)
+        accs = per_op_accuracy(Simulation(fused, ops), rank_batches, only_quantized=False,
+                               names=gemms)
         ranking = [{"name": n, "accuracy_only_this_float": accs[n]["accuracy_only_this_float"]}
                    for n in gemms]
         ranking.sort(key=lambda r: -r["accuracy_only_this_float"])
@@ -125,6 +143,7 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
             if fp32 - acc <= max_drop:
                 break
     record = {"max_drop": max_drop, "val_images": sum(len(y) for _, y in batches),
+              "rank_images": sum(len(y) for _, y in rank_batches),
               "fp32_val_accuracy": fp32, "val_accuracy": steps[-1]["val_accuracy"],
               "val_drop": steps[-1]["drop"], "met": steps[-1]["drop"] <= max_drop,
               "float_layers": list(layers), "steps": steps, "ranking": ranking,
@@ -152,11 +171,12 @@ def choose_weight_bits(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
     half a byte) to quant.mixed.size_mb or below, and the record of how they were chosen.
 
     One calibration serves every candidate (PTQ observers see float activations, whatever the
-    weights' width). Each 8-bit conv/linear op is measured alone at 4 bits on validation images;
-    ops are then taken cheapest first, by accuracy lost per byte saved, until the size fits."""
+    weights' width). Each 8-bit conv/linear op is measured alone at 4 bits on
+    quant.mixed.rank_images validation images; ops are then taken cheapest first, by accuracy
+    lost per byte saved, until the size fits, and the choice is judged on quant.mixed.images."""
     mixed, quant = cfg.quant.mixed, cfg.quant
     target = float(mixed.size_mb)
-    batches = _val_batches(cfg, dm, "quant.mixed.size_mb")
+    batches, rank_batches = _val_batches(cfg, dm, "quant.mixed.size_mb")
     fp32 = accuracy(_fused(model, [str(n) for n in quant.get("float_layers") or []]), batches)
     prepared = flow.prepare_ptq(copy.deepcopy(model).eval(), quant, example)
     seen = calibrate(prepared, dm.calib_dataloader(), batches=quant.calib_batches,
@@ -169,15 +189,16 @@ def choose_weight_bits(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
     four = list(start["4"])
     size = file_mb - sum(gemms[n] // 2 for n in four) / 1e6
     base = accuracy(int8, batches)
+    rank_base = accuracy(int8, rank_batches) if rank_batches is not batches else base
     qconfig4 = qconfig_from_cfg(quant, qat=False, weight_bits=4)
     ranking: list[dict] = []
     if size > target:
         for name in (n for n in gemms if n not in four):
             acc = accuracy(flow.convert(_with_qconfig(prepared, [name], qconfig4), example),
-                           batches)
+                           rank_batches)
             saving = gemms[name] // 2
             ranking.append({"name": name, "val_accuracy_only_this_4bit": acc,
-                            "loss_pt": base - acc, "saving_bytes": saving})
+                            "loss_pt": rank_base - acc, "saving_bytes": saving})
         # cheapest first: accuracy lost per byte saved (a gain counts as free), bigger first
         ranking.sort(key=lambda r: (max(r["loss_pt"], 0.0) / max(r["saving_bytes"], 1),
                                     -r["saving_bytes"]))
@@ -191,7 +212,8 @@ def choose_weight_bits(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
     record = {"size_mb_target": target, "size_mb": size, "file_mb": file_mb,
               "all_int8_size_mb": file_mb - sum(gemms[n] // 2 for n in start["4"]) / 1e6,
               "met": size <= target, "weight_bits_4": four,
-              "val_images": sum(len(y) for _, y in batches), "fp32_val_accuracy": fp32,
+              "val_images": sum(len(y) for _, y in batches),
+              "rank_images": sum(len(y) for _, y in rank_batches), "fp32_val_accuracy": fp32,
               "all_int8_val_accuracy": base, "val_accuracy": acc, "val_drop": fp32 - acc,
               "ranking": ranking, "calib_images": seen}
     log.info("mixed bits: %d op(s) 4-bit, %.3f MB (target %.3f), validation drop %.2f pt",
