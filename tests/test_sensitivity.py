@@ -361,14 +361,18 @@ def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
     mixed = auto["mixed"]
     steps = mixed["steps"]
     assert mixed["val_images"] == 16 and steps[0]["float_layers"] == []
-    assert mixed["met"] == (steps[-1]["drop"] <= 0) and mixed["val_drop"] == steps[-1]["drop"]
-    assert auto["int8"]["float_layers"] == mixed["float_layers"] == steps[-1]["float_layers"]
+    # met: the last step; not met (every op tried): the step that came closest, fewest islands
+    chosen = steps[-1] if steps[-1]["drop"] <= 0 else \
+        min(steps, key=lambda st: (st["drop"], len(st["float_layers"])))
+    assert mixed["met"] == (steps[-1]["drop"] <= 0) and mixed["val_drop"] == chosen["drop"]
+    assert auto["int8"]["float_layers"] == mixed["float_layers"] == chosen["float_layers"]
     if steps[0]["drop"] <= 0:  # all-INT8 already met it (a barely trained net, another CPU)
         assert len(steps) == 1 and mixed["float_layers"] == [] and mixed["ranking"] == []
         return
     assert len(steps) >= 2 and all(s["drop"] > 0 for s in steps[:-1])  # stops when it is met
     ranked = [r["name"] for r in mixed["ranking"]]
-    assert mixed["float_layers"] == ranked[:len(steps) - 1] and len(ranked) == 22
+    assert steps[-1]["float_layers"] == ranked[:len(steps) - 1] and len(ranked) == 22
+    assert mixed["met"] or len(steps) == 23  # not met only once every op was tried
     gains = [r["accuracy_only_this_float"] for r in mixed["ranking"]]
     assert gains == sorted(gains, reverse=True)
 

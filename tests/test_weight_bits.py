@@ -258,6 +258,12 @@ def test_each_flow_says_which_mixed_options_it_takes():
             assert "quant.flow=eager" in str(err.value)  # names a flow that takes it
     with pytest.raises(QlabError, match="run one"):
         check_mixed(quant("eager", mixed={"max_drop": 0.5, "size_mb": 1.0}), get_flow("eager"))
+    for key, bad in (("images", 0), ("rank_images", -5), ("images", 2.5), ("rank_images", True)):
+        with pytest.raises(QlabError, match=f"quant.mixed.{key}=.*>= 1 \\(null: all of them\\)"):
+            check_mixed(quant("eager", mixed={"max_drop": 0.5, "size_mb": None, key: bad}),
+                        get_flow("eager"))
+    check_mixed(quant("eager", mixed={"max_drop": 0.5, "size_mb": None, "images": None,
+                                      "rank_images": 200}), get_flow("eager"))
 
 
 @pytest.mark.slow

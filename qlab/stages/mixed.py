@@ -142,15 +142,20 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
             log.info("mixed: %d float op(s), validation drop %.2f pt", len(layers), fp32 - acc)
             if fp32 - acc <= max_drop:
                 break
+    best = steps[-1]
+    if best["drop"] > max_drop:  # not met: keep the step that came closest, fewest islands first
+        best = min(steps, key=lambda st: (st["drop"], len(st["float_layers"])))
+        log.warning("quant.mixed.max_drop=%s not met even with every conv/linear op in float "
+                    "(drop %.2f pt): the input, the adds and each island's output stay 8-bit "
+                    "activations. Keeping the closest step: %d float op(s), drop %.2f pt.",
+                    max_drop, steps[-1]["drop"], len(best["float_layers"]), best["drop"])
+        prepared = islands_after_calibration(calibrated, plain, best["float_layers"])
     record = {"max_drop": max_drop, "val_images": sum(len(y) for _, y in batches),
               "rank_images": sum(len(y) for _, y in rank_batches),
-              "fp32_val_accuracy": fp32, "val_accuracy": steps[-1]["val_accuracy"],
-              "val_drop": steps[-1]["drop"], "met": steps[-1]["drop"] <= max_drop,
-              "float_layers": list(layers), "steps": steps, "ranking": ranking,
+              "fp32_val_accuracy": fp32, "val_accuracy": best["val_accuracy"],
+              "val_drop": best["drop"], "met": best["drop"] <= max_drop,
+              "float_layers": list(best["float_layers"]), "steps": steps, "ranking": ranking,
               "calib_images": seen}
-    if not record["met"]:
-        log.warning("quant.mixed.max_drop=%s not met even with every conv/linear op in float "
-                    "(drop %.2f pt): adds and the input stay INT8.", max_drop, record["val_drop"])
     return prepared, record
 
 
