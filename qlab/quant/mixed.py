@@ -51,22 +51,28 @@ def weighted_ops(model: nn.Module) -> list[str]:
 def make_float_islands(model: nn.Module, names: Sequence[str]) -> list[str]:
     """Wrap each named op of a fused model (before prepare) in a FloatIsland; returns the names.
     Names are module paths, as stage=sensitivity lists them (layers.0.conv1, fc, ...)."""
-    names = list(dict.fromkeys(str(n) for n in names))
-    if not names:
-        return []
-    candidates = weighted_ops(model)
+    names = _island_names(model, names)
     for name in names:
-        if name not in candidates:
-            kind = type(model.get_submodule(name)).__name__ if _has(model, name) else None
-            raise QlabError(
-                f"quant.float_layers: {name} "
-                + (f"is a {kind}, not a conv or linear op" if kind else "is not in this model")
-                + f". Float islands are conv/linear ops of the fused model: "
-                  f"{', '.join(candidates[:6])}{' ...' if len(candidates) > 6 else ''} "
-                  f"(stage=sensitivity lists them all).")
         parent, _, attr = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
         setattr(holder, attr, FloatIsland(getattr(holder, attr)))
+    return names
+
+
+def _island_names(fused: nn.Module, names: Sequence[str]) -> list[str]:
+    """`names` without repeats, each checked to be a conv/linear op of the fused model."""
+    names = list(dict.fromkeys(str(n) for n in names))
+    candidates = weighted_ops(fused) if names else []
+    for name in names:
+        if name not in candidates:
+            kind = type(fused.get_submodule(name)).__name__ if _has(fused, name) else None
+            raise QlabError(
+                f"quant.float_layers: {name} "
+                + (f"is a {kind}, not a conv or linear op" if kind
+                   else "is not in this model, so not a conv or linear op")
+                + f". Float islands are conv/linear ops of the fused model: "
+                  f"{', '.join(candidates[:6])}{' ...' if len(candidates) > 6 else ''} "
+                  f"(stage=sensitivity lists them all).")
     return names
 
 
@@ -79,11 +85,7 @@ def islands_after_calibration(prepared: nn.Module, fused: nn.Module,
     it (and its qconfig), and the op itself comes from `fused`, the float model fused the same
     way. Observers of the copy no longer update (it is for convert, not more calibration)."""
     model = copy.deepcopy(prepared)
-    candidates = weighted_ops(fused)
-    for name in dict.fromkeys(str(n) for n in names):
-        if name not in candidates:
-            raise QlabError(f"{name} is not a conv or linear op of this model: "
-                            f"{', '.join(candidates[:6])}{' ...' if len(candidates) > 6 else ''}.")
+    for name in _island_names(fused, names):
         op = model.get_submodule(name)
         if isinstance(op, FloatIsland):
             continue

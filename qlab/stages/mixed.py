@@ -81,14 +81,13 @@ def _val_batches(cfg: DictConfig, dm, what: str) -> tuple[list, list]:
         raise QlabError(f"{what} chooses on validation images and this run has none: set "
                         f"data.val_split > 0 (it never uses the test split).")
     mixed = cfg.quant.mixed
-    judged = count if mixed.get("images") is None else int(mixed.images)
-    ranked = min(judged, int(mixed.get("rank_images") or judged))
-
-    def batches(n: int) -> list:
-        return normalized_batches(*subset(dm, "val", n, cfg.seed), mean=dm.mean, std=dm.std,
-                                  batch_size=dm.eval_batch_size)
-    judged_batches = batches(judged)
-    return judged_batches, judged_batches if ranked == judged else batches(ranked)
+    x, y = subset(dm, "val", count if mixed.get("images") is None else int(mixed.images), cfg.seed)
+    ranked = min(len(y), int(mixed.get("rank_images") or len(y)))
+    judged = normalized_batches(x, y, mean=dm.mean, std=dm.std, batch_size=dm.eval_batch_size)
+    if ranked == len(y):
+        return judged, judged
+    return judged, normalized_batches(x[:ranked], y[:ranked], mean=dm.mean, std=dm.std,
+                                      batch_size=dm.eval_batch_size)
 
 
 def _fused(model: nn.Module, float_layers: list[str]) -> nn.Module:
