@@ -248,12 +248,22 @@ def _model_fused_and_gemms(build):
 
 
 def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
+    from torch.ao.quantization import convert
+
     from qlab.errors import QlabError
-    from qlab.quant.mixed import FloatIsland, float_islands, make_float_islands
+    from qlab.quant.mixed import (
+        FloatIsland,
+        boundaries_record,
+        float_islands,
+        float_regions,
+        input_readers,
+        make_float_islands,
+    )
 
     model, fused, names = _model_fused_and_gemms(build_resnet20)
     assert len(names) == 22 and names[0] == "conv1" and names[-1] == "fc"
     assert "layers.3.downsample.0" in names and "conv1.0" not in names  # not inside ConvReLU
+    assert input_readers(fused, torch.zeros(1, 3, 32, 32)) == ["conv1"]
 
     def quantize(float_layers):
         prepared = prepare_ptq(copy.deepcopy(model), build_qconfig(backend="x86"),
@@ -278,6 +288,23 @@ def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
         assert err[1] < err[0]
         scripted = torch.jit.script(mixed)
         torch.testing.assert_close(scripted(x), island_out)
+        # float regions: only conv1 (read by layers.0's INT8 conv and add) requantizes; the
+        # input (read by conv1 only) and fc's output (read by the dequantize) stay float
+        assert boundaries_record(mixed) == {"input_quantized": False, "requantized": ["conv1"]}
+        assert isinstance(mixed.quant, nn.Identity) and isinstance(mixed.fc.quant, nn.Identity)
+        assert boundaries_record(every)["input_quantized"] is False
+        # every island: the blocks' first convs pass float to their second; the second convs
+        # requantize for the INT8 adds. Dropping those roundings brings the model closer to FP32
+        assert boundaries_record(every)["requantized"] == [
+            n for n in names if n == "conv1" or n.endswith(("conv2", "downsample.0"))]
+        prepared = prepare_ptq(copy.deepcopy(model), build_qconfig(backend="x86"),
+                               float_layers=names)
+        calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+        kept = convert(prepared)  # torch's convert alone: every island requantizes its output
+        assert len(boundaries_record(kept)["requantized"]) == 22
+        assert float_regions(every, x[:1]) == []  # nothing left to drop
+        err_kept = (kept(x) - ref).norm() / ref.norm()
+        assert err[1] < err_kept
     with pytest.raises(QlabError, match="not a conv or linear op"):
         make_float_islands(copy.deepcopy(fused), ["layers.0.add_relu"])
     with pytest.raises(QlabError, match="is not in this model.*conv1, layers.0.conv1"):
@@ -289,7 +316,7 @@ def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
 def test_islands_made_after_calibration_are_the_islands_calibrated_again(build):
     # what makes quant.mixed.max_drop's greedy steps cheap: one calibration serves every step
     from qlab.errors import QlabError
-    from qlab.quant.mixed import float_islands, islands_after_calibration
+    from qlab.quant.mixed import float_islands, input_readers, islands_after_calibration
 
     model, fused, names = _model_fused_and_gemms(build)
     qconfig = build_qconfig(backend="x86", per_channel=True)
@@ -309,6 +336,7 @@ def test_islands_made_after_calibration_are_the_islands_calibrated_again(build):
             assert float_islands(reused) == float_islands(again) == [n for n in names if n in every]
             assert torch.equal(reused(x), again(x))
         assert float_islands(start) == names[-1:]  # the calibrated model is left as it was
+        assert input_readers(fused, x[:1]) == names[:1]  # the stem conv reads the input
     with pytest.raises(QlabError, match="not a conv or linear op"):
         islands_after_calibration(start, fused, ["nonexistent.op"])
 
@@ -332,7 +360,10 @@ def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
             outputs=tmp_path)
     sens = json.loads((tmp_path / "m" / "ptq-fl" / "sensitivity" / "sensitivity.json").read_text())
     names = [op["name"] for op in sens["ops"]]
-    assert "fc.quant" in names and "fc" not in names and "conv1" not in names
+    # conv1's output is read by INT8 ops and requantized; the input and fc's output stay float
+    assert "conv1.quant" in names and "fc" not in names and "conv1" not in names
+    assert "fc.quant" not in names and "quant" not in names
+    assert fl["int8"]["float_boundaries"] == {"input_quantized": False, "requantized": ["conv1"]}
     assert sens["accuracy"]["agreement"] > 0.9
 
     # the PT2E flow keeps them too (the ONNX file's head is a float Gemm), the ORT flow refuses
@@ -370,8 +401,19 @@ def test_float_islands_and_the_automatic_mode_through_the_cli(tmp_path):
         assert len(steps) == 1 and mixed["float_layers"] == [] and mixed["ranking"] == []
         return
     assert len(steps) >= 2 and all(s["drop"] > 0 for s in steps[:-1])  # stops when it is met
-    ranked = [r["name"] for r in mixed["ranking"]]
-    assert steps[-1]["float_layers"] == ranked[:len(steps) - 1] and len(ranked) == 22
+    # candidates: the 22 conv/linear ops and the input (made float by making conv1, which
+    # reads it, an island); a candidate whose islands are all taken already adds no step
+    weighted = _model_fused_and_gemms(build_resnet20)[2]
+    assert sorted(r["name"] for r in mixed["ranking"]) == sorted(["quant", *weighted])
+    assert next(r for r in mixed["ranking"] if r["name"] == "quant")["float_layers"] == ["conv1"]
+    layers = []
+    for r in mixed["ranking"]:
+        new = [n for n in r["float_layers"] if n not in layers]
+        if new:
+            layers.extend(new)
+            if len(layers) == len(steps[-1]["float_layers"]):
+                break
+    assert steps[-1]["float_layers"] == layers
     assert mixed["met"] or len(steps) == 23  # not met only once every op was tried
     gains = [r["accuracy_only_this_float"] for r in mixed["ranking"]]
     assert gains == sorted(gains, reverse=True)

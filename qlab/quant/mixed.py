@@ -2,7 +2,9 @@
 
 Float islands: named conv/linear ops kept in float. Each is wrapped as dequantize -> the float
 op -> quantize (with its own observed po2 output scale), so everything around it stays INT8; the
-TorchScript artifact carries the float op as it is.
+TorchScript artifact carries the float op as it is. After convert, a quantize that no INT8 op
+reads is dropped (float_regions): adjacent islands pass float to each other, the model's input
+stays float when only islands read it, and a float head feeds the output as it is.
 
 4-bit weights: named conv/linear ops whose weights are int8 values restricted to -8..7 (po2
 scales like every other), set through a per-op qconfig before prepare."""
@@ -10,8 +12,9 @@ scales like every other), set through a per-op qconfig before prepare."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
+import torch
 import torch.ao.nn.quantized as nnq
 from torch import Tensor, nn
 from torch.ao.nn import intrinsic as nni
@@ -99,6 +102,69 @@ def islands_after_calibration(prepared: nn.Module, fused: nn.Module,
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, island)
     return model
+
+
+def float_regions(int8: nn.Module, example: Tensor, keep: Collection[str] = ()) -> list[str]:
+    """Drop every quantize of a converted model with float islands that no INT8 op reads: an
+    island's output read only by other islands (their dequantize passes a float tensor through)
+    or by the model's dequantize, and the model's input when only islands read it. Adjacent
+    islands then form one float region, with no 8-bit rounding between them, as the PT2E flow
+    makes them (an op left unannotated reads float). INT8 kernels refuse a float tensor, so a
+    quantize is dropped when the model still runs on `example` without it; each one's fate
+    depends only on the ops that read its output, not on the order they are tried in. Returns
+    the names of the dropped quantizes (the converted model changes in place; the state_dict
+    loses their scale and zero point, and a rebuilt model drops the same ones). The quantizes
+    named in `keep` stay (a model saved before float regions existed holds all of them)."""
+    if not float_islands(int8):
+        return []
+    dropped: list[str] = []
+    for name, m in list(int8.named_modules()):
+        if not isinstance(m, nnq.Quantize) or name in keep:
+            continue
+        parent, _, attr = name.rpartition(".")
+        holder = int8.get_submodule(parent) if parent else int8
+        setattr(holder, attr, nn.Identity())
+        try:
+            with torch.inference_mode():
+                int8(example)
+        except (NotImplementedError, RuntimeError):  # an INT8 op read the float tensor
+            setattr(holder, attr, m)
+            continue
+        dropped.append(name)
+    return dropped
+
+
+def boundaries_record(int8: nn.Module) -> dict:
+    """Where a converted model with float islands still rounds to 8 bits around them: whether
+    its input is quantized, and which islands requantize their output (an INT8 op reads it)."""
+    islands = {n: m for n, m in int8.named_modules() if isinstance(m, FloatIsland)}
+    inputs = [n for n, m in int8.named_modules() if isinstance(m, nnq.Quantize)
+              and not any(n.startswith(i + ".") for i in islands)]
+    return {"input_quantized": bool(inputs),
+            "requantized": [n for n, m in islands.items() if isinstance(m.quant, nnq.Quantize)]}
+
+
+def input_readers(fused: nn.Module, example: Tensor) -> list[str]:
+    """The conv/linear ops of a fused float model (no islands) that read its input
+    quantization's output directly: the ops that must be islands for the input to stay float."""
+    ops = weighted_ops(fused)
+    stubs = [m for m in fused.modules() if isinstance(m, QuantStub)]
+    seen: dict[int, None] = {}
+    readers: list[str] = []
+    handles = [s.register_forward_hook(lambda mod, args, out: seen.setdefault(id(out)))
+               for s in stubs]
+    for name in ops:
+        def read(mod, args, name=name):
+            if args and id(args[0]) in seen and name not in readers:
+                readers.append(name)
+        handles.append(fused.get_submodule(name).register_forward_pre_hook(read))
+    try:
+        with torch.inference_mode():
+            fused(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return readers
 
 
 def weight_bits_of(spec, names: Sequence[str]) -> dict[str, int]:

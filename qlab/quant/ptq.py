@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from qlab.errors import QlabError
 from qlab.integer.export import snap_biases
 from qlab.models import Normalize
-from qlab.quant.mixed import make_float_islands, set_op_qconfigs
+from qlab.quant.mixed import float_regions, make_float_islands, set_op_qconfigs
 from qlab.quant.qconfig import build_qconfig
 
 
@@ -62,8 +62,10 @@ def prepare_ptq(model: nn.Module, qconfig, float_layers: Sequence[str] = (),
 def convert_int8(prepared: nn.Module, example: Tensor) -> nn.Module:
     """The INT8 model of a calibrated (or QAT) eager model, on CPU; `prepared` is left as it is.
     Every bias goes on its int32 accumulator grid: what integer hardware adds, and what makes
-    torch's model compute exactly the shift-requantized integer model (stage=integer)."""
+    torch's model compute exactly the shift-requantized integer model (stage=integer). Float
+    islands next to each other pass float (float_regions)."""
     int8 = convert(copy.deepcopy(prepared).cpu().eval(), inplace=False)
+    float_regions(int8, example)
     snap_biases(int8, example)
     return int8
 

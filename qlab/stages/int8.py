@@ -17,7 +17,7 @@ from qlab.errors import QlabError
 from qlab.evaluate import evaluate
 from qlab.hardware import check_int8_exact, quantized_engine, quantized_for, resolve_config
 from qlab.quant.flows import Flow, get_flow
-from qlab.quant.mixed import plain_8bit, weight_bits_record
+from qlab.quant.mixed import boundaries_record, float_islands, plain_8bit, weight_bits_record
 from qlab.quant.ptq import calibrate
 from qlab.quant.scales import write_scale_table
 from qlab.stages.common import (
@@ -75,6 +75,8 @@ def finish_int8(cfg: DictConfig, quant: DictConfig, flow: Flow, *, stage: str,
                       std=dm.std, label_smoothing=cfg.module.label_smoothing, tta=cfg.module.tta)
     if not plain_8bit(quant.get("weight_bits", 8)):
         record["weight_bits"] = weight_bits_record(int8, quant.weight_bits)
+    if float_islands(int8):  # eager islands: where 8-bit rounding is left around them
+        record["float_boundaries"] = boundaries_record(int8)
     file_mb = artifacts.save_state_dict(out / artifacts.STATE_DICT_FILE, int8)
     # 4-bit weights count as half a byte each (the integer model packs them two per byte)
     size_mb = file_mb - record.get("weight_bits", {}).get("packed_saving_bytes", 0) / 1e6

@@ -25,6 +25,7 @@ from qlab.integer.verify import (
     verify,
     zero_point_order,
 )
+from qlab.quant.mixed import float_regions
 from qlab.quant.ptq import prepare_ptq, qconfig_from_cfg
 from qlab.stages.common import build_datamodule, output_dir
 
@@ -49,6 +50,10 @@ def rebuild_int8(stage_dir: Path, metrics: dict) -> nn.Module:
     if not isinstance(state, dict):
         raise QlabError(f"{path} holds a {type(state).__name__}, not a state_dict: the file is "
                         f"damaged. {rerun_hint(stage_dir)}")
+    # the quantizes the stage dropped between float islands: those its state_dict has no scale for
+    float_regions(int8, torch.zeros(1, len(metrics["mean"]), metrics["image_size"],
+                                    metrics["image_size"]),
+                  keep={k.rpartition(".")[0] for k in state if k.endswith(".scale")})
     try:
         int8.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, read_write
 from torch import Tensor, nn
+from torch.ao.quantization import QuantStub
 
 from qlab import artifacts
 from qlab.errors import QlabError
 from qlab.quant.flows import Flow, flows_with
 from qlab.quant.mixed import (
+    input_readers,
     islands_after_calibration,
     make_float_islands,
     plain_8bit,
@@ -123,18 +125,25 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
     steps = [{"float_layers": list(layers), "val_accuracy": acc, "drop": fp32 - acc}]
     ranking: list[dict] = []
     if fp32 - acc > max_drop:
-        # rank by the accuracy each conv/linear op wins back when it alone returns to float,
-        # measured on the simulation of this all-INT8 model (qlab.quant.sensitivity)
+        # rank by the accuracy each conv/linear op, and the input quantization, wins back when
+        # it alone returns to float, measured on the simulation of this all-INT8 model
+        # (qlab.quant.sensitivity); the input stays float once the ops reading it are islands
         fused = _fused(model, layers)
         ops = find_ops(int8, fused, example)
-        gemms = [op.name for op in ops if op.kind in ("conv", "linear")]
+        readers = input_readers(plain, example)
+        plain_stubs = {n for n, m in plain.named_modules() if isinstance(m, QuantStub)}
+        islands_for = {op.name: [op.name] for op in ops if op.kind in ("conv", "linear")} | {
+            op.name: readers for op in ops if op.name in plain_stubs and readers}
         accs = per_op_accuracy(Simulation(fused, ops), rank_batches, only_quantized=False,
-                               names=gemms)
-        ranking = [{"name": n, "accuracy_only_this_float": accs[n]["accuracy_only_this_float"]}
-                   for n in gemms]
+                               names=islands_for)
+        ranking = [{"name": n, "accuracy_only_this_float": accs[n]["accuracy_only_this_float"],
+                    "float_layers": islands_for[n]} for n in islands_for]
         ranking.sort(key=lambda r: -r["accuracy_only_this_float"])
         for r in ranking:
-            layers.append(r["name"])
+            new = [n for n in r["float_layers"] if n not in layers]
+            if not new:  # the input, once the ops reading it are islands already
+                continue
+            layers.extend(new)
             prepared = islands_after_calibration(calibrated, plain, layers)
             acc = accuracy(flow.convert(prepared, example), batches)
             steps.append({"float_layers": list(layers), "val_accuracy": acc, "drop": fp32 - acc})
@@ -145,7 +154,7 @@ def choose_float_layers(cfg: DictConfig, flow: Flow, model: nn.Module, dm,
     if best["drop"] > max_drop:  # not met: keep the step that came closest, fewest islands first
         best = min(steps, key=lambda st: (st["drop"], len(st["float_layers"])))
         log.warning("quant.mixed.max_drop=%s not met even with every conv/linear op in float "
-                    "(drop %.2f pt): the input, the adds and each island's output stay 8-bit "
+                    "(drop %.2f pt): the adds, and the outputs that INT8 ops read, stay 8-bit "
                     "activations. Keeping the closest step: %d float op(s), drop %.2f pt.",
                     max_drop, steps[-1]["drop"], len(best["float_layers"]), best["drop"])
         prepared = islands_after_calibration(calibrated, plain, best["float_layers"])
