@@ -312,6 +312,31 @@ def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
     assert isinstance(FloatIsland(nn.Linear(2, 2)).op, nn.Linear)
 
 
+def test_a_saved_islanded_model_is_rebuilt_with_the_quantizes_it_holds(tmp_path):
+    # stage=sensitivity rebuilds a stage's INT8 model from metrics.json + its state_dict: the
+    # quantizes float_regions dropped are dropped again; a model saved with every island
+    # requantizing (before float regions) keeps them, and both compute what was saved
+    from torch.ao.quantization import convert
+
+    from qlab.quant.mixed import boundaries_record
+    from qlab.stages.integer import rebuild_int8
+
+    model, _, _ = _model_fused_and_gemms(build_resnet20)
+    quant = {"backend": "x86", "float_layers": ["conv1", "fc"]}
+    prepared = prepare_ptq(copy.deepcopy(model), build_qconfig(backend="x86"),
+                           float_layers=quant["float_layers"])
+    calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+    metrics = {"model": {"_target_": "qlab.models.build_resnet20"}, "classes": list("0123456789"),
+               "quant": quant, "mean": list(MEAN), "image_size": 32}
+    x = _normalized(8, 3)
+    with quantized_engine("x86"), torch.no_grad():
+        for saved in (EagerFlow().convert(prepared, x[:1]), convert(copy.deepcopy(prepared))):
+            torch.save(saved.state_dict(), tmp_path / "model_int8_state_dict.pt")
+            rebuilt = rebuild_int8(tmp_path, metrics)
+            assert boundaries_record(rebuilt) == boundaries_record(saved)
+            assert torch.equal(rebuilt(x), saved(x))
+
+
 @pytest.mark.parametrize("build", [build_resnet20, build_mobilenet_v2])
 def test_islands_made_after_calibration_are_the_islands_calibrated_again(build):
     # what makes quant.mixed.max_drop's greedy steps cheap: one calibration serves every step
