@@ -247,6 +247,14 @@ def _model_fused_and_gemms(build):
     return model, fused, weighted_ops(fused)
 
 
+def _calibrated(model, float_layers, qconfig=None):
+    """A copy of `model` fused, prepared with those float islands and calibrated on 32 images."""
+    prepared = prepare_ptq(copy.deepcopy(model), qconfig or build_qconfig(backend="x86"),
+                           float_layers=float_layers)
+    calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+    return prepared
+
+
 def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
     from torch.ao.quantization import convert
 
@@ -266,10 +274,7 @@ def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
     assert input_readers(fused, torch.zeros(1, 3, 32, 32)) == ["conv1"]
 
     def quantize(float_layers):
-        prepared = prepare_ptq(copy.deepcopy(model), build_qconfig(backend="x86"),
-                               float_layers=float_layers)
-        calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
-        return EagerFlow().convert(prepared, torch.zeros(1, 3, 32, 32))
+        return EagerFlow().convert(_calibrated(model, float_layers), torch.zeros(1, 3, 32, 32))
 
     x = _normalized(16, 5)
     with torch.no_grad():
@@ -297,10 +302,7 @@ def test_float_islands_stay_float_and_the_rest_int8(resnet20_int8):
         # requantize for the INT8 adds. Dropping those roundings brings the model closer to FP32
         assert boundaries_record(every)["requantized"] == [
             n for n in names if n == "conv1" or n.endswith(("conv2", "downsample.0"))]
-        prepared = prepare_ptq(copy.deepcopy(model), build_qconfig(backend="x86"),
-                               float_layers=names)
-        calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
-        kept = convert(prepared)  # torch's convert alone: every island requantizes its output
+        kept = convert(_calibrated(model, names))  # torch convert alone: every island requantizes
         assert len(boundaries_record(kept)["requantized"]) == 22
         assert float_regions(every, x[:1]) == []  # nothing left to drop
         err_kept = (kept(x) - ref).norm() / ref.norm()
@@ -323,9 +325,7 @@ def test_a_saved_islanded_model_is_rebuilt_with_the_quantizes_it_holds(tmp_path)
 
     model, _, _ = _model_fused_and_gemms(build_resnet20)
     quant = {"backend": "x86", "float_layers": ["conv1", "fc"]}
-    prepared = prepare_ptq(copy.deepcopy(model), build_qconfig(backend="x86"),
-                           float_layers=quant["float_layers"])
-    calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
+    prepared = _calibrated(model, quant["float_layers"])
     metrics = {"model": {"_target_": "qlab.models.build_resnet20"}, "classes": list("0123456789"),
                "quant": quant, "mean": list(MEAN), "image_size": 32}
     x = _normalized(8, 3)
@@ -347,9 +347,7 @@ def test_islands_made_after_calibration_are_the_islands_calibrated_again(build):
     qconfig = build_qconfig(backend="x86", per_channel=True)
 
     def calibrated(float_layers):
-        prepared = prepare_ptq(copy.deepcopy(model), qconfig, float_layers=float_layers)
-        calibrate(prepared, [(_images(32, 1), None)], batches=1, mean=MEAN, std=STD)
-        return prepared
+        return _calibrated(model, float_layers, qconfig)
 
     x = _normalized(16, 5)
     start = calibrated(names[-1:])  # an island given from the start stays one
