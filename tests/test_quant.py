@@ -202,3 +202,80 @@ def test_torch_qconfig_and_unknown_options():
     assert "HistogramObserver" in repr(q.activation())
     with pytest.raises(QlabError, match="quant=po2 or quant=torch"):
         build_qconfig(kind="lsq")
+
+
+def _observed(cb: QATCallback, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every activation observer's running range and its fake-quant's scale."""
+    out = {}
+    for i, m in enumerate(cb.activation_fake_quants(model)):
+        out[f"{i}.scale"] = m.scale.detach().clone()
+        for key in ("min_val", "max_val"):
+            out[f"{i}.{key}"] = getattr(m.activation_post_process, key).detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("flow_name", ["eager", "pt2e"])
+def test_qat_observers_watch_training_images_only(flow_name, use_engine):
+    """Validation and test passes leave every observer as training left it (their images are
+    4x wider, so a live observer would widen), also before freeze_observer_epoch; training
+    after a mid-epoch validation observes again."""
+    import lightning as L
+
+    from qlab.models import build_resnet20
+    from qlab.quant.flows import get_flow
+
+    use_engine("x86")
+    torch.manual_seed(0)
+    quant = OmegaConf.load(ROOT / "conf" / "quant" / "po2.yaml")
+    cb = get_flow(flow_name).qat_callback(quant, None, torch.zeros(1, 3, 32, 32))
+    snaps: dict[str, dict] = {}
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = build_resnet20(num_classes=10)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, i):
+            snaps[f"train{i}-start"] = _observed(cb, self.model)
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def on_train_batch_end(self, outputs, batch, i):
+            snaps[f"train{i}-end"] = _observed(cb, self.model)
+
+        def validation_step(self, batch, i):
+            self(batch[0] * 4)
+
+        def test_step(self, batch, i):
+            self(batch[0] * 4)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3, 32, 32, generator=g),
+                                          torch.randint(0, 10, (64,), generator=g))
+    batches = torch.utils.data.DataLoader(data, batch_size=16)
+    trainer = L.Trainer(max_epochs=1, val_check_interval=2, num_sanity_val_steps=1,
+                        limit_val_batches=1, callbacks=[cb], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    net = Net()
+    trainer.fit(net, batches, batches)
+    assert quant.qat.freeze_observer_epoch > 0  # observers live all through this run
+    # training moves the ranges, after the sanity check and after the mid-epoch validation
+    for i in range(4):
+        before, after = snaps[f"train{i}-start"], snaps[f"train{i}-end"]
+        assert any(not torch.equal(before[k], after[k]) for k in before), i
+    # the validation after batch 1 (and the one ending the epoch) changed nothing
+    # the weights' fake-quants (21 convs and the head) are not among those switched off
+    acts = cb.activation_fake_quants(net.model)
+    every = [m for m in net.model.modules() if hasattr(m, "observer_enabled")]
+    assert len(every) - len(acts) == 22 and len(acts) >= 31
+    for k, v in snaps["train1-end"].items():
+        assert torch.equal(v, snaps["train2-start"][k]), k
+    trainer.test(net, batches)
+    for k, v in snaps["train3-end"].items():
+        assert torch.equal(v, _observed(cb, net.model)[k]), k

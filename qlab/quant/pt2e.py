@@ -15,6 +15,7 @@ from torchao.quantization.pt2e import (
     FakeQuantize,
     allow_exported_model_train_eval,
     disable_observer,
+    enable_observer,
     move_exported_model_to_eval,
     move_exported_model_to_train,
 )
@@ -239,8 +240,22 @@ class Pt2eQATCallback(QATCallback):
         prepared.train()
         return prepared
 
-    def freeze_observers(self, model: nn.Module) -> None:
-        model.apply(disable_observer)
+    enable_observer = staticmethod(enable_observer)  # torchao's fake-quants, not torch.ao's
+    disable_observer = staticmethod(disable_observer)
+
+    def activation_fake_quants(self, model: nn.Module) -> list[nn.Module]:
+        """The graph's fake-quants whose input depends on the model's input: not the weights'
+        (a weight's fake-quant reads a parameter, or with conv-BN fused for training, the
+        parameter scaled by BN's factor), so the input's own fake-quant is among them."""
+        fed: set[torch.fx.Node] = set()
+        found = []
+        for node in model.graph.nodes:
+            if node.op == "placeholder" or any(a in fed for a in node.all_input_nodes):
+                fed.add(node)
+                if node.op == "call_module" and isinstance(model.get_submodule(node.target),
+                                                           FakeQuantize):
+                    found.append(model.get_submodule(node.target))
+        return found
 
     def freeze_bn(self, model: nn.Module) -> None:
         model.qlab_bn_frozen = True

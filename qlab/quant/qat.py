@@ -7,9 +7,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
-from torch.ao.quantization import QConfig, disable_observer, prepare_qat
+from torch.ao.quantization import (
+    FakeQuantizeBase,
+    QConfig,
+    disable_observer,
+    enable_observer,
+    prepare_qat,
+)
 
 from qlab.checkpoint import load_fp32_weights
 from qlab.quant.mixed import make_float_islands, set_op_qconfigs
@@ -18,9 +25,16 @@ from qlab.quant.mixed import make_float_islands, set_op_qconfigs
 class QATCallback(L.Callback):
     """Fuse (is_qat=True), set the po2 fake-quant qconfig, prepare_qat; freeze on schedule.
 
+    Activation observers watch training images only: a FakeQuantize observes whenever its
+    observer is on, in eval mode too, so they are switched off for every validation, test and
+    predict pass and back on for training while the epoch is before freeze_observer_epoch.
+    Without that, a run that ends before freeze_observer_epoch would take its INT8 ranges partly
+    from validation and test images. Weight observers see only the weights, and stay on.
+
     Preparing in setup() means it happens before DDP wraps the model and before Lightning
     restores a checkpoint, so a resumed QAT run loads fake-quant state into a fake-quant model.
-    A flow with another graph form (PT2E) overrides prepare, freeze_observers and freeze_bn.
+    A flow with another graph form (PT2E) overrides prepare, activation_fake_quants and
+    freeze_bn.
     """
 
     def __init__(self, *, qconfig: QConfig | None, fp32_weights: Path | None,
@@ -52,18 +66,45 @@ class QATCallback(L.Callback):
         prepare_qat(model, inplace=True)
         return model
 
-    def freeze_observers(self, model: nn.Module) -> None:
-        model.apply(disable_observer)
+    def activation_fake_quants(self, model: nn.Module) -> list[nn.Module]:
+        """The fake-quants of the model's activations (its input included), not its weights'."""
+        return [m for name, m in model.named_modules()
+                if isinstance(m, FakeQuantizeBase) and not name.endswith("weight_fake_quant")]
+
+    enable_observer = staticmethod(enable_observer)
+    disable_observer = staticmethod(disable_observer)
+
+    def set_observers(self, model: nn.Module, on: bool, activations_only: bool = False) -> None:
+        switch = self.enable_observer if on else self.disable_observer
+        for m in self.activation_fake_quants(model) if activations_only else [model]:
+            m.apply(switch)
 
     def freeze_bn(self, model: nn.Module) -> None:
         model.apply(nniqat.freeze_bn_stats)
 
+    def observing(self, epoch: int) -> bool:
+        """Whether the observers watch the training images of this epoch."""
+        return epoch < self.freeze_observer_epoch
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch >= self.freeze_observer_epoch:
-            self.freeze_observers(pl_module.model)
+        self.set_observers(pl_module.model, self.observing(epoch))
         if epoch >= self.freeze_bn_epoch:
             self.freeze_bn(pl_module.model)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.set_observers(pl_module.model, False, activations_only=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # inside fit: training (maybe mid-epoch) goes on
+            self.set_observers(pl_module.model, self.observing(trainer.current_epoch),
+                               activations_only=True)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.set_observers(pl_module.model, False, activations_only=True)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.set_observers(pl_module.model, False, activations_only=True)
 
 
 def fake_quant_scales(model: torch.nn.Module) -> dict[str, torch.Tensor]:
