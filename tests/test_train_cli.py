@@ -1,6 +1,7 @@
 """The FP32 stage through the real `train.py` + Hydra, on tiny synthetic data."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from omegaconf import OmegaConf
 
 from qlab.hardware import resolve_precision
 
-from conftest import TINY, read_metrics, run_cli
+from conftest import ROOT, TINY, read_metrics, run_cli
 
 
 def test_fp32_stage_writes_every_output_and_resumes(tmp_path):
@@ -161,3 +162,44 @@ def test_ddp_qat_through_the_pt2e_flow(tmp_path):
     assert m["world_size"] == 2 and m["train_samples_per_rank"] == [64, 64]
     assert m["int8"]["flow"] == "pt2e" and m["runtimes"]["torch.export"]["agrees_with_torch"]
     assert (tmp_path / "q" / "qat-pt2e" / "model_int8.pt2").is_file()
+
+
+def test_last_ckpt_is_the_latest_epoch_even_when_it_is_not_the_best(tmp_path):
+    """resume=true continues checkpoints/last.ckpt: with conf/train.yaml's callbacks it is
+    written every epoch, also after epochs whose val/acc is no better than the best one."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    callbacks = OmegaConf.load(ROOT / "conf" / "train.yaml").callbacks
+    for c in callbacks.values():
+        if c is not None and "dirpath" in c:
+            c.dirpath = str(tmp_path)
+    scores = [0.9, 0.5, 0.4]  # the first epoch is the best
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, i):
+            return (self.w - 1).pow(2).sum()
+
+        def validation_step(self, batch, i):
+            self.log("val/acc", scores[self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+    checkpoints = [instantiate(c) for c in callbacks.values()
+                   if c is not None and c._target_.endswith("ModelCheckpoint")]
+    assert len(checkpoints) == 2
+    trainer = L.Trainer(max_epochs=3, callbacks=checkpoints,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(Net(), data, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch000-acc0.9000.ckpt",
+                                                          "last.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
+    best = next(c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint))
+    assert Path(best.best_model_path).name == "best-epoch000-acc0.9000.ckpt"  # what is tested
