@@ -26,8 +26,8 @@ class QATCallback(L.Callback):
     """Fuse (is_qat=True), set the po2 fake-quant qconfig, prepare_qat; freeze on schedule.
 
     Activation observers watch training images only: a FakeQuantize observes whenever its
-    observer is on, in eval mode too, so they are switched off for every validation, test and
-    predict pass and back on for training while the epoch is before freeze_observer_epoch.
+    observer is on, in eval mode too, so they are switched off for every validation and test
+    pass and back on for training while the epoch is before freeze_observer_epoch.
     Without that, a run that ends before freeze_observer_epoch would take its INT8 ranges partly
     from validation and test images. Weight observers see only the weights, and stay on.
 
@@ -101,9 +101,6 @@ class QATCallback(L.Callback):
                                activations_only=True)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.set_observers(pl_module.model, False, activations_only=True)
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.set_observers(pl_module.model, False, activations_only=True)
 
 

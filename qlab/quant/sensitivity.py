@@ -172,7 +172,8 @@ def find_ops(int8: nn.Module, fused: nn.Module, example: Tensor) -> list[QuantOp
 def fake_quantize(x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> Tensor:
     """torch.fake_quantize_per_tensor_affine's float, bit for bit: x times the float32 inverse
     scale, rounded half to even, clamped to the integer range, times the scale. Four vectorized
-    passes, about 5x faster on a CPU than that op, whose kernel also builds a gradient mask."""
+    passes; that op's kernel also builds a gradient mask (5x slower on one thread of an AVX2
+    EPYC)."""
     inverse = float(1.0 / torch.tensor(scale, dtype=torch.float32))
     return x.mul(inverse).round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
 
@@ -190,8 +191,8 @@ class Simulation:
     cuttable = True  # blocks of the eager model can start a pass (find_cuts)
 
     def __init__(self, fused: nn.Module, ops: Sequence[QuantOp]) -> None:
-        # channels_last: float convolutions on a CPU run fastest in it (oneDNN's blocked NHWC
-        # kernels; MobileNetV2's depthwise convs about 1.8x): the sweeps are float passes
+        # channels_last: the layout oneDNN's float CPU convolutions prefer (a whole MobileNetV2
+        # forward 1.8x faster on one thread of an AVX2 EPYC): the sweeps are float passes
         self.model = copy.deepcopy(fused).eval().to(memory_format=torch.channels_last)
         self.model.register_forward_pre_hook(_channels_last_input)
         self.ops = list(ops)
