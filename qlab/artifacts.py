@@ -131,6 +131,28 @@ def read_epoch_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def keep_rows_before(csv_path: Path, step: int) -> None:
+    """Keep the metrics.csv rows logged before optimizer step `step`: a run continued from a
+    checkpoint taken at that step appends its own rows after them (callbacks.CSVLogger). Rows
+    logged after the checkpoint, and test rows (the continued run tests again), are dropped."""
+    if not Path(csv_path).is_file():
+        return
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        rows = [r for r in reader
+                if not any(r.get(k) for k in fields if k.startswith("test/"))
+                and not (r.get("step") and int(float(r["step"])) >= step)]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(Path(csv_path), write)
+
+
 def plot_curves(ax_loss, ax_acc, series: dict[str, list[tuple[int, float]]], title: str) -> None:
     """Train vs val loss and accuracy per epoch on two axes."""
     for ax, what in ((ax_loss, "loss"), (ax_acc, "acc")):

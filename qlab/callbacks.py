@@ -1,12 +1,19 @@
-"""Training callbacks for short recipes: lookahead weight averaging and freezing parameters."""
+"""Lightning plug-ins: lookahead weight averaging and freezing parameters (training callbacks for
+short recipes), and a CSV logger that a resumed run appends to."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import csv
+import os
+
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers.csv_logs import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from torch import nn
 
 from qlab.errors import QlabError
@@ -84,3 +91,28 @@ class FreezeParameters(L.Callback):
                             f"(some are: {list(params)[:4]}).")
         for name in self.names:
             params[name].requires_grad_(False)
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's metrics.csv writer, except that a file already in its folder is kept and
+    appended to (Lightning's deletes it: a run continued with resume=true lost every epoch
+    logged before the checkpoint, and its curves with them)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])  # new keys rewrite the header
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger (csv/metrics.csv, hparams.yaml) appending to the metrics.csv of the
+    run it continues; the stage first drops the rows logged after the checkpoint
+    (stages.common.resume_path)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from qlab import artifacts
 from qlab.hardware import resolve_precision
 
 from conftest import ROOT, TINY, read_metrics, run_cli
@@ -77,11 +78,12 @@ def test_fp32_stage_writes_every_output_and_resumes(tmp_path):
     assert m2["epochs"] == 2 and m2["train_samples_per_rank"] == [64]  # only the new epoch ran
     with (out / "csv" / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    # the resumed run logged its epoch as epoch 1 (training and validation, once each), then
-    # one test of the final model
+    # the rows of epoch 0 are kept, the resumed run logged its epoch as epoch 1 (training and
+    # validation, once each), then one test of the final model (the first run's test row is gone)
     trained = [int(r["epoch"]) for r in rows if r["train/loss"]]
     validated = [int(r["epoch"]) for r in rows if r["val/acc"]]
-    assert trained[-1] == validated[-1] == 1 and trained.count(1) == validated.count(1) == 1, rows
+    assert trained == validated == [0, 1], rows
+    assert [e for e, _ in artifacts.read_epoch_metrics(out / "csv" / "metrics.csv")["val/acc"]] == [0, 1]
     tested = [r for r in rows if r["test/acc"]]
     assert len(tested) == 1 and m2["accuracy"] == pytest.approx(100.0 * float(tested[0]["test/acc"]))
 
@@ -203,3 +205,29 @@ def test_last_ckpt_is_the_latest_epoch_even_when_it_is_not_the_best(tmp_path):
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
     best = next(c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint))
     assert Path(best.best_model_path).name == "best-epoch000-acc0.9000.ckpt"  # what is tested
+
+
+def test_a_resumed_log_keeps_the_rows_before_its_checkpoint(tmp_path):
+    """A run killed mid-epoch logged rows after its last checkpoint (step 4): those and the test
+    row go, the rest is kept, and the continued run's logger appends to them (a new metric
+    widens the header without losing a value)."""
+    from qlab.callbacks import CSVLogger
+
+    log = tmp_path / "csv" / "metrics.csv"
+    log.parent.mkdir()
+    log.write_text("epoch,step,train/loss,val/acc\n"
+                   ",0,,\n0,1,2.0,\n0,1,,0.5\n1,3,1.5,\n1,3,,0.6\n2,4,1.2,\n2,5,1.1,\n,6,,\n")
+    artifacts.keep_rows_before(log, 4)
+    assert log.read_text().splitlines() == ["epoch,step,train/loss,val/acc", ",0,,", "0,1,2.0,",
+                                           "0,1,,0.5", "1,3,1.5,", "1,3,,0.6"]
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    logger.log_metrics({"train/loss": 1.0, "epoch": 2}, step=5)
+    logger.log_metrics({"test/acc": 0.7, "epoch": 2}, step=6)
+    logger.save()
+    series = artifacts.read_epoch_metrics(log)
+    assert series["train/loss"] == [(0, 2.0), (1, 1.5), (2, 1.0)]
+    assert series["val/acc"] == [(0, 0.5), (1, 0.6)] and series["test/acc"] == [(2, 0.7)]
+    artifacts.keep_rows_before(log, 6)  # resuming again at step 6: the test row goes
+    assert "test/acc" not in artifacts.read_epoch_metrics(log)
+    assert artifacts.read_epoch_metrics(log)["train/loss"][-1] == (2, 1.0)
+    artifacts.keep_rows_before(tmp_path / "absent.csv", 3)  # a run without a log: nothing to do

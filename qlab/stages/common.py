@@ -48,7 +48,16 @@ def _unreadable_checkpoint(path: Path) -> str | None:
 
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
     """The checkpoint to continue from, or None for a fresh run; refuses to clobber an old run
-    and to resume from a checkpoint that cannot be read."""
+    and to resume from a checkpoint that cannot be read. The run's csv/metrics.csv keeps the
+    rows logged up to the checkpoint, which the continued run appends to."""
+    ckpt = _checkpoint_to_continue(cfg, out)
+    if ckpt is not None and not _is_launcher_child():
+        step = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).get("global_step")
+        artifacts.keep_rows_before(out / "csv" / "metrics.csv", int(step or 0))
+    return ckpt
+
+
+def _checkpoint_to_continue(cfg: DictConfig, out: Path) -> str | None:
     last = out / "checkpoints" / "last.ckpt"
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
