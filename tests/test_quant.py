@@ -279,3 +279,50 @@ def test_qat_observers_watch_training_images_only(flow_name, use_engine):
     trainer.test(net, batches)
     for k, v in snaps["train3-end"].items():
         assert torch.equal(v, _observed(cb, net.model)[k]), k
+
+
+@pytest.mark.parametrize("constant,ships_what_it_trained", [(1.0, True), (0.01, False)])
+def test_qat_weights_are_quantized_as_conversion_will(constant, ships_what_it_trained, use_engine):
+    """quant.weight_averaging_constant=1 (the default): every weight fake-quant scales the
+    weights it is given (BN folded in) by their own range, so after training moved them the
+    converted INT8 weights are exactly the fake-quantized ones the network last ran with. An
+    averaged range (torch's 0.01) lags behind them: conversion then ships other integers."""
+    from qlab.models import build_resnet20
+
+    use_engine("x86")
+    torch.manual_seed(0)
+    model = build_resnet20(num_classes=10)
+    cb = QATCallback(qconfig=build_qconfig(qat=True, per_channel=True, weight_bits=4,
+                                           rounding="ceil", max_shift=12,
+                                           weight_averaging_constant=constant),
+                     fp32_weights=None, freeze_observer_epoch=9, freeze_bn_epoch=9)
+    lit = type("Lit", (), {"model": model})()
+    cb.setup(None, lit, "fit")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for x, y in loader(n=32, batch=8):
+        loss = torch.nn.functional.cross_entropy(model((x.float() / 255 - 0.5) / 0.25), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seen = {}
+    weight_fqs = {n: m for n, m in model.named_modules() if n.endswith("weight_fake_quant")}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+             for n, m in weight_fqs.items()]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    int8 = convert(copy.deepcopy(model))
+    ops = {n: m for n, m in int8.named_modules() if callable(getattr(m, "weight", None))}
+    assert len(ops) == len(weight_fqs) == 22
+    same = []
+    for name, fq in weight_fqs.items():
+        w, fake = seen[name]
+        q = ops[name.removesuffix(".weight_fake_quant")].weight()
+        same.append(torch.equal(q.q_per_channel_scales().float(), fq.scale)
+                    and torch.allclose(q.dequantize(), fake, rtol=0, atol=1e-6))
+        if constant == 1.0:  # the scale is that of the weights' own range, as PTQ would set it
+            top = w.abs().amax(dim=(1, 2, 3) if w.dim() == 4 else 1)
+            assert torch.equal(fq.scale, fq.activation_post_process.po2_qparams(-top, top)["scale"])
+    assert all(same) if ships_what_it_trained else not all(same)

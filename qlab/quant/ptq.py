@@ -23,8 +23,8 @@ def qconfig_from_cfg(quant: DictConfig, *, qat: bool, weight_bits: int = 8):
     """build_qconfig(**cfg.quant) without the keys that are not qconfig options; weights of
     `weight_bits` (quant.weight_bits says which ops get which)."""
     keys = ("kind", "backend", "max_shift", "rounding", "per_channel", "activation_dtype",
-            "activation_symmetric", "reduce_range", "averaging_constant", "target",
-            "even_zero_point")
+            "activation_symmetric", "reduce_range", "averaging_constant",
+            "weight_averaging_constant", "target", "even_zero_point")
     return build_qconfig(qat=qat, weight_bits=weight_bits,
                          **{k: quant[k] for k in keys if k in quant})
 

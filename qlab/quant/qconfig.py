@@ -57,6 +57,7 @@ def build_qconfig(
     activation_symmetric: bool = False,
     reduce_range: bool = False,
     averaging_constant: float = 0.01,
+    weight_averaging_constant: float = 1.0,
     target: str = "portable",
     even_zero_point: bool = True,
     weight_bits: int = 8,
@@ -66,7 +67,9 @@ def build_qconfig(
     `target` and `weight_bits` bound the integer weights (see weight_range: 4-bit weights are
     int8 values in -8..7, with po2 scales like any other); activations stay 8-bit unless
     `reduce_range`; `even_zero_point` makes every po2 zero point even (see
-    observer.even_zero_point: the same integers on every engine)."""
+    observer.even_zero_point: the same integers on every engine). QAT's observers average the
+    ranges they see: activations by `averaging_constant`, weights by `weight_averaging_constant`
+    (1: the range of the current weights, the scales conversion will quantize them with)."""
     if kind not in KINDS:
         raise QlabError(f"quant.kind={kind!r} is not known; use quant=po2 or quant=torch.")
     wmin, wmax = weight_range(target, weight_bits)
@@ -94,8 +97,9 @@ def build_qconfig(
     # QAT: FakeQuantize (not the fused default, whose kernel computes its own qparams) so the
     # po2 observer really decides every scale the training sees.
     w_obs = Po2MovingAveragePerChannelMinMaxObserver if per_channel else Po2MovingAverageMinMaxObserver
-    avg = {"averaging_constant": averaging_constant}
     return QConfig(
-        activation=FakeQuantize.with_args(observer=Po2MovingAverageMinMaxObserver, **act, **po2, **avg),
-        weight=FakeQuantize.with_args(observer=w_obs, **weight, **po2, **avg),
+        activation=FakeQuantize.with_args(observer=Po2MovingAverageMinMaxObserver, **act, **po2,
+                                          averaging_constant=averaging_constant),
+        weight=FakeQuantize.with_args(observer=w_obs, **weight, **po2,
+                                      averaging_constant=weight_averaging_constant),
     )
