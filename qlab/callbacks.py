@@ -3,11 +3,10 @@ short recipes), and a CSV logger that a resumed run appends to."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import csv
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch

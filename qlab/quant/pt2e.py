@@ -96,7 +96,8 @@ def po2_quantization_config(quant: DictConfig, *, qat: bool) -> QuantizationConf
                  else Po2AoMovingAverageSharedScaleObserver)
         act_ctr = FakeQuantize.with_args(observer=Po2AoMovingAverageMinMaxObserver, **po2,
                                          averaging_constant=quant.averaging_constant)
-        w_ctr = FakeQuantize.with_args(observer=w_obs, **po2, averaging_constant=quant.weight_averaging_constant)
+        w_ctr = FakeQuantize.with_args(observer=w_obs, **po2,
+                                       averaging_constant=quant.weight_averaging_constant)
     else:
         act_ctr = Po2AoMinMaxObserver.with_args(**po2)
         w_ctr = (Po2AoPerChannelMinMaxObserver if quant.per_channel else Po2AoSharedScaleObserver
