@@ -37,6 +37,15 @@ def weight_range(target: str, bits: int = 8) -> tuple[int, int]:
     return (-PORTABLE_WEIGHT_MAX, PORTABLE_WEIGHT_MAX) if target == "portable" else (-128, 127)
 
 
+def averaging_constant_of(key: str, value: float) -> float:
+    """A QAT moving-average constant, checked: 0 < c <= 1 (1: the current tensor's range)."""
+    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise QlabError(f"quant.{key}={value!r}: a moving-average constant is in (0, 1]: 1 takes "
+                        f"the range of the current tensor, 0.01 (torch's default) averages over "
+                        f"about 100 steps.")
+    return float(value)
+
+
 def _activation_range(dtype: torch.dtype, reduce_range: bool) -> tuple[int, int]:
     lo, hi = (0, 255) if dtype == torch.quint8 else (-128, 127)
     if reduce_range:  # 7-bit activations: torch's guard against int16 saturation without VNNI,
@@ -98,8 +107,10 @@ def build_qconfig(
     # po2 observer really decides every scale the training sees.
     w_obs = Po2MovingAveragePerChannelMinMaxObserver if per_channel else Po2MovingAverageMinMaxObserver
     return QConfig(
-        activation=FakeQuantize.with_args(observer=Po2MovingAverageMinMaxObserver, **act, **po2,
-                                          averaging_constant=averaging_constant),
-        weight=FakeQuantize.with_args(observer=w_obs, **weight, **po2,
-                                      averaging_constant=weight_averaging_constant),
+        activation=FakeQuantize.with_args(
+            observer=Po2MovingAverageMinMaxObserver, **act, **po2,
+            averaging_constant=averaging_constant_of("averaging_constant", averaging_constant)),
+        weight=FakeQuantize.with_args(
+            observer=w_obs, **weight, **po2, averaging_constant=averaging_constant_of(
+                "weight_averaging_constant", weight_averaging_constant)),
     )
