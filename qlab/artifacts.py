@@ -131,10 +131,19 @@ def read_epoch_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def _step_of(row: dict) -> int | None:
+    """A metrics.csv row's step; None for a row cut short (a run killed while writing it)."""
+    try:
+        return int(float(row.get("step") or ""))
+    except (TypeError, ValueError):
+        return None
+
+
 def keep_rows_before(csv_path: Path, step: int) -> None:
     """Keep the metrics.csv rows logged before optimizer step `step`: a run continued from a
     checkpoint taken at that step appends its own rows after them (callbacks.CSVLogger). Rows
-    logged after the checkpoint, and test rows (the continued run tests again), are dropped."""
+    logged after the checkpoint, test rows (the continued run tests again) and a last row cut
+    short are dropped."""
     if not Path(csv_path).is_file():
         return
     with open(csv_path, newline="") as f:
@@ -142,7 +151,7 @@ def keep_rows_before(csv_path: Path, step: int) -> None:
         fields = list(reader.fieldnames or [])
         rows = [r for r in reader
                 if not any(r.get(k) for k in fields if k.startswith("test/"))
-                and not (r.get("step") and int(float(r["step"])) >= step)]
+                and None not in r and _step_of(r) is not None and _step_of(r) < step]
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:

@@ -202,7 +202,8 @@ def test_torch_qconfig_and_unknown_options():
     assert "HistogramObserver" in repr(q.activation())
     with pytest.raises(QlabError, match="quant=po2 or quant=torch"):
         build_qconfig(kind="lsq")
-    for key, bad in (("weight_averaging_constant", 0), ("averaging_constant", 1.5)):
+    for key, bad in (("weight_averaging_constant", 0), ("averaging_constant", 1.5),
+                     ("averaging_constant", True)):
         with pytest.raises(QlabError, match=rf"quant.{key}={bad}: a moving-average constant is in"):
             build_qconfig(qat=True, **{key: bad})
 

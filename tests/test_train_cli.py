@@ -231,3 +231,32 @@ def test_a_resumed_log_keeps_the_rows_before_its_checkpoint(tmp_path):
     assert "test/acc" not in artifacts.read_epoch_metrics(log)
     assert artifacts.read_epoch_metrics(log)["train/loss"][-1] == (2, 1.0)
     artifacts.keep_rows_before(tmp_path / "absent.csv", 3)  # a run without a log: nothing to do
+    log.write_text("epoch,step,train/loss,val/acc\n0,1,2.0,\n0,1,,0.5,7\n1,")  # killed mid-row
+    artifacts.keep_rows_before(log, 4)  # rows cut short or too long are dropped, not fatal
+    assert log.read_text().splitlines() == ["epoch,step,train/loss,val/acc", "0,1,2.0,"]
+
+
+def test_only_a_run_continued_from_its_own_checkpoint_keeps_its_log(tmp_path):
+    """resume=true (or ckpt_path= to one of the run's own checkpoints) keeps the rows before the
+    checkpoint; a fresh run, or one started from another run's checkpoint, starts a new log even
+    where a killed run left one and no checkpoint."""
+    from qlab.stages.common import resume_path
+
+    out, other = tmp_path / "fp32", tmp_path / "other"
+    log = out / "csv" / "metrics.csv"
+    rows = "epoch,step,train/loss\n0,1,2.0\n1,3,1.5\n"
+    for folder in (out, other):
+        (folder / "checkpoints").mkdir(parents=True)
+        torch.save({"state_dict": {}, "global_step": 2}, folder / "checkpoints" / "last.ckpt")
+    cfg = OmegaConf.create({"ckpt_path": None, "resume": True, "overwrite": False})
+    log.parent.mkdir()
+    log.write_text(rows)
+    assert resume_path(cfg, out) == str(out / "checkpoints" / "last.ckpt")
+    assert log.read_text().splitlines() == ["epoch,step,train/loss", "0,1,2.0"]
+    log.write_text(rows)
+    cfg.resume, cfg.ckpt_path = False, str(other / "checkpoints" / "last.ckpt")
+    assert resume_path(cfg, out) == cfg.ckpt_path and not log.exists()
+    (out / "checkpoints" / "last.ckpt").unlink()  # a killed run that left a log, no checkpoint
+    log.write_text(rows)
+    cfg.ckpt_path = None
+    assert resume_path(cfg, out) is None and not log.exists()

@@ -39,7 +39,7 @@ def weight_range(target: str, bits: int = 8) -> tuple[int, int]:
 
 def averaging_constant_of(key: str, value: float) -> float:
     """A QAT moving-average constant, checked: 0 < c <= 1 (1: the current tensor's range)."""
-    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise QlabError(f"quant.{key}={value!r}: a moving-average constant is in (0, 1]: 1 takes "
                         f"the range of the current tensor, 0.01 (torch's default) averages over "
                         f"about 100 steps.")

@@ -48,12 +48,18 @@ def _unreadable_checkpoint(path: Path) -> str | None:
 
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
     """The checkpoint to continue from, or None for a fresh run; refuses to clobber an old run
-    and to resume from a checkpoint that cannot be read. The run's csv/metrics.csv keeps the
-    rows logged up to the checkpoint, which the continued run appends to."""
+    and to resume from a checkpoint that cannot be read. Continuing one of this run's own
+    checkpoints, csv/metrics.csv keeps the rows logged up to it and the run appends to them;
+    otherwise the run starts a new metrics.csv."""
     ckpt = _checkpoint_to_continue(cfg, out)
-    if ckpt is not None and not _is_launcher_child():
+    if _is_launcher_child():
+        return ckpt
+    log_csv = out / "csv" / "metrics.csv"
+    if ckpt is not None and Path(ckpt).resolve().parent == (out / "checkpoints").resolve():
         step = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).get("global_step")
-        artifacts.keep_rows_before(out / "csv" / "metrics.csv", int(step or 0))
+        artifacts.keep_rows_before(log_csv, int(step or 0))
+    else:  # a fresh run, or another run's checkpoint: rows already here belong to no epoch of it
+        log_csv.unlink(missing_ok=True)
     return ckpt
 
 
