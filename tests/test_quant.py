@@ -120,6 +120,16 @@ def test_quantized_models_refuse_cuda():
     require_cpu("cpu")
 
 
+def _train(model: torch.nn.Module, lr: float, n: int) -> None:
+    """SGD steps on n synthetic images, batches of 8."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for x, y in loader(n=n, batch=8):
+        loss = torch.nn.functional.cross_entropy(model((x.float() / 255 - 0.5) / 0.25), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_qat_runs_the_po2_observer_inside_fake_quant(use_engine):
     use_engine("x86")
     torch.manual_seed(0)
@@ -131,12 +141,7 @@ def test_qat_runs_the_po2_observer_inside_fake_quant(use_engine):
     fqs = [m for m in model.modules() if isinstance(m, FakeQuantize)]
     assert fqs and not any(isinstance(m, FusedMovingAvgObsFakeQuantize) for m in model.modules())
     assert all(isinstance(m.activation_post_process, _Po2Mixin) for m in fqs)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for x, y in loader(n=16, batch=8):
-        loss = torch.nn.functional.cross_entropy(model((x.float() / 255 - 0.5) / 0.25), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train(model, lr=0.01, n=16)
     scales = fake_quant_scales(model)
     assert len(scales) == len(fqs)
     for name, s in scales.items():
@@ -302,12 +307,7 @@ def test_qat_weights_are_quantized_as_conversion_will(constant, ships_what_it_tr
                      fp32_weights=None, freeze_observer_epoch=9, freeze_bn_epoch=9)
     lit = type("Lit", (), {"model": model})()
     cb.setup(None, lit, "fit")
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for x, y in loader(n=32, batch=8):
-        loss = torch.nn.functional.cross_entropy(model((x.float() / 255 - 0.5) / 0.25), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train(model, lr=0.5, n=32)
     seen = {}
     weight_fqs = {n: m for n, m in model.named_modules() if n.endswith("weight_fake_quant")}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
