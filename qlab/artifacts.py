@@ -151,7 +151,7 @@ def keep_rows_before(csv_path: Path, step: int) -> None:
         fields = list(reader.fieldnames or [])
         rows = [r for r in reader
                 if not any(r.get(k) for k in fields if k.startswith("test/"))
-                and None not in r and _step_of(r) is not None and _step_of(r) < step]
+                and None not in r and (row_step := _step_of(r)) is not None and row_step < step]
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:

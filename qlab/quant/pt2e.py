@@ -32,7 +32,7 @@ from qlab.artifacts import export_program
 from qlab.errors import QlabError
 from qlab.quant.observer import _Po2Mixin
 from qlab.quant.qat import QATCallback
-from qlab.quant.qconfig import averaging_constant_of, weight_range
+from qlab.quant.qconfig import averaging_constants, weight_range
 
 
 class Po2AoMinMaxObserver(_Po2Mixin, ao_observer.MinMaxObserver):
@@ -94,11 +94,11 @@ def po2_quantization_config(quant: DictConfig, *, qat: bool) -> QuantizationConf
     if qat:
         w_obs = (Po2AoMovingAveragePerChannelMinMaxObserver if quant.per_channel
                  else Po2AoMovingAverageSharedScaleObserver)
-        act_ctr = FakeQuantize.with_args(
-            observer=Po2AoMovingAverageMinMaxObserver, **po2,
-            averaging_constant=averaging_constant_of("averaging_constant", quant.averaging_constant))
-        w_ctr = FakeQuantize.with_args(observer=w_obs, **po2, averaging_constant=averaging_constant_of(
-            "weight_averaging_constant", quant.weight_averaging_constant))
+        act_c, weight_c = averaging_constants(quant.averaging_constant,
+                                              quant.weight_averaging_constant)
+        act_ctr = FakeQuantize.with_args(observer=Po2AoMovingAverageMinMaxObserver, **po2,
+                                         averaging_constant=act_c)
+        w_ctr = FakeQuantize.with_args(observer=w_obs, **po2, averaging_constant=weight_c)
     else:
         act_ctr = Po2AoMinMaxObserver.with_args(**po2)
         w_ctr = (Po2AoPerChannelMinMaxObserver if quant.per_channel else Po2AoSharedScaleObserver

@@ -37,13 +37,15 @@ def weight_range(target: str, bits: int = 8) -> tuple[int, int]:
     return (-PORTABLE_WEIGHT_MAX, PORTABLE_WEIGHT_MAX) if target == "portable" else (-128, 127)
 
 
-def averaging_constant_of(key: str, value: float) -> float:
-    """A QAT moving-average constant, checked: 0 < c <= 1 (1: the current tensor's range)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise QlabError(f"quant.{key}={value!r}: a moving-average constant is in (0, 1]: 1 takes "
-                        f"the range of the current tensor, 0.01 (torch's default) averages over "
-                        f"about 100 steps.")
-    return float(value)
+def averaging_constants(activation: float, weight: float) -> tuple[float, float]:
+    """QAT's moving-average constants (quant.averaging_constant, quant.weight_averaging_constant),
+    each checked: 0 < c <= 1 (1: the current tensor's range)."""
+    for key, value in (("averaging_constant", activation), ("weight_averaging_constant", weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise QlabError(f"quant.{key}={value!r}: a moving-average constant is in (0, 1]: 1 "
+                            f"takes the range of the current tensor, 0.01 (torch's default) "
+                            f"averages over about 100 steps.")
+    return float(activation), float(weight)
 
 
 def _activation_range(dtype: torch.dtype, reduce_range: bool) -> tuple[int, int]:
@@ -106,11 +108,9 @@ def build_qconfig(
     # QAT: FakeQuantize (not the fused default, whose kernel computes its own qparams) so the
     # po2 observer really decides every scale the training sees.
     w_obs = Po2MovingAveragePerChannelMinMaxObserver if per_channel else Po2MovingAverageMinMaxObserver
+    act_c, weight_c = averaging_constants(averaging_constant, weight_averaging_constant)
     return QConfig(
-        activation=FakeQuantize.with_args(
-            observer=Po2MovingAverageMinMaxObserver, **act, **po2,
-            averaging_constant=averaging_constant_of("averaging_constant", averaging_constant)),
-        weight=FakeQuantize.with_args(
-            observer=w_obs, **weight, **po2, averaging_constant=averaging_constant_of(
-                "weight_averaging_constant", weight_averaging_constant)),
+        activation=FakeQuantize.with_args(observer=Po2MovingAverageMinMaxObserver, **act, **po2,
+                                          averaging_constant=act_c),
+        weight=FakeQuantize.with_args(observer=w_obs, **weight, **po2, averaging_constant=weight_c),
     )
