@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# What gpu-check installs first: `make gpu-check PY=python3 SETUP=` runs it in an environment
+# that already holds torch for the card (and qlab's other packages) instead of making .venv.
+SETUP ?= $(STAMP)
 
 .PHONY: demo test test-slow test-realdata test-cross test-all bench lint gpu-check
 
@@ -45,7 +48,7 @@ bench: $(STAMP)  ## speed tables (benchmarks/results/*.json); QUICK=1 for fewer 
 	$(PY) benchmarks/ptq_cost.py $(if $(QUICK),--calib-batches 4,)
 	$(PY) benchmarks/integer.py $(if $(QUICK),--images 1000,)
 
-gpu-check: $(STAMP)  ## CUDA only: short FP32 -> PTQ -> QAT -> report on every GPU (outputs/gpu-check/)
+gpu-check: $(SETUP)  ## CUDA only: short FP32 -> PTQ -> QAT -> report on every GPU (outputs/gpu-check/)
 	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make gpu-check needs a CUDA GPU; torch.cuda.is_available() is False here.')"
 	$(PY) train.py stage=fp32 experiment=gpu_check name=gpu-check overwrite=true
 	$(PY) quantize.py stage=ptq experiment=gpu_check name=gpu-check
