@@ -32,18 +32,18 @@ def _is_launcher_child() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
-def _unreadable_checkpoint(path: Path) -> str | None:
-    """Why `path` cannot be resumed from (None when it reads as a Lightning checkpoint). Its
-    tensors are memory-mapped, not read, so this costs little even for a large checkpoint."""
+def _read_checkpoint(path: Path) -> tuple[dict | None, str | None]:
+    """(the checkpoint, None) when `path` reads as a Lightning checkpoint, else (None, why not).
+    Its tensors are memory-mapped, not read, so this costs little even for a large checkpoint."""
     if not zipfile.is_zipfile(path):
-        return "not a PyTorch checkpoint archive"
+        return None, "not a PyTorch checkpoint archive"
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # a damaged archive or pickle fails in many ways; all mean the same
-        return first_line(exc)
+        return None, first_line(exc)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        return "no Lightning state_dict in it"
-    return None
+        return None, "no Lightning state_dict in it"
+    return ckpt, None
 
 
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
@@ -51,36 +51,36 @@ def resume_path(cfg: DictConfig, out: Path) -> str | None:
     and to resume from a checkpoint that cannot be read. Continuing one of this run's own
     checkpoints, csv/metrics.csv keeps the rows logged up to it and the run appends to them;
     otherwise the run starts a new metrics.csv."""
-    ckpt = _checkpoint_to_continue(cfg, out)
+    ckpt, step = _checkpoint_to_continue(cfg, out)
     if _is_launcher_child():
         return ckpt
     log_csv = out / "csv" / "metrics.csv"
     if ckpt is not None and Path(ckpt).resolve().parent == (out / "checkpoints").resolve():
-        step = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).get("global_step")
-        artifacts.keep_rows_before(log_csv, int(step or 0))
+        artifacts.keep_rows_before(log_csv, step)
     else:  # a fresh run, or another run's checkpoint: rows already here belong to no epoch of it
         log_csv.unlink(missing_ok=True)
     return ckpt
 
 
-def _checkpoint_to_continue(cfg: DictConfig, out: Path) -> str | None:
+def _checkpoint_to_continue(cfg: DictConfig, out: Path) -> tuple[str | None, int]:
+    """The checkpoint to continue from (None for a fresh run) and its global step."""
     last = out / "checkpoints" / "last.ckpt"
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise QlabError(f"ckpt_path={cfg.ckpt_path} does not exist.")
-        why = _unreadable_checkpoint(Path(cfg.ckpt_path))
+        ckpt, why = _read_checkpoint(Path(cfg.ckpt_path))
         if why:
             raise QlabError(f"ckpt_path={cfg.ckpt_path} is unreadable ({why}): the file is "
                             f"truncated or corrupt. Pass another checkpoint, or drop ckpt_path "
                             f"to start without one.")
-        return str(cfg.ckpt_path)
+        return str(cfg.ckpt_path), int(ckpt.get("global_step") or 0)
     if cfg.resume:
         if not last.is_file():
             raise QlabError(
                 f"resume=true but {last} does not exist: nothing to continue. Drop resume=true to "
                 f"start a new run, or pass ckpt_path=PATH."
             )
-        why = _unreadable_checkpoint(last)
+        ckpt, why = _read_checkpoint(last)
         if why:
             others = sorted(p for p in last.parent.glob("*.ckpt") if p.name != last.name)
             other = (f"Continue from an earlier checkpoint with ckpt_path={others[-1]} (instead "
@@ -91,7 +91,7 @@ def _checkpoint_to_continue(cfg: DictConfig, out: Path) -> str | None:
                 f"drop resume=true and pass overwrite=true (this deletes the checkpoints and logs "
                 f"in {out})."
             )
-        return str(last)
+        return str(last), int(ckpt.get("global_step") or 0)
     earlier = [p for p in (out / "metrics.json", last) if p.exists()]
     if earlier and not _is_launcher_child():
         if not cfg.overwrite:
@@ -102,7 +102,7 @@ def _checkpoint_to_continue(cfg: DictConfig, out: Path) -> str | None:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         for sub in ("csv", "tensorboard"):
             shutil.rmtree(out / sub, ignore_errors=True)
-    return None
+    return None, 0
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
