@@ -32,18 +32,18 @@ def _is_launcher_child() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) > 0 or int(os.environ.get("NODE_RANK", 0)) > 0
 
 
-def _read_checkpoint(path: Path) -> tuple[dict | None, str | None]:
-    """(the checkpoint, None) when `path` reads as a Lightning checkpoint, else (None, why not).
+def _read_checkpoint(path: Path) -> tuple[int, str | None]:
+    """(its global step, None) when `path` reads as a Lightning checkpoint, else (0, why not).
     Its tensors are memory-mapped, not read, so this costs little even for a large checkpoint."""
     if not zipfile.is_zipfile(path):
-        return None, "not a PyTorch checkpoint archive"
+        return 0, "not a PyTorch checkpoint archive"
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # a damaged archive or pickle fails in many ways; all mean the same
-        return None, first_line(exc)
+        return 0, first_line(exc)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        return None, "no Lightning state_dict in it"
-    return ckpt, None
+        return 0, "no Lightning state_dict in it"
+    return int(ckpt.get("global_step") or 0), None
 
 
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
@@ -68,19 +68,19 @@ def _checkpoint_to_continue(cfg: DictConfig, out: Path) -> tuple[str | None, int
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise QlabError(f"ckpt_path={cfg.ckpt_path} does not exist.")
-        ckpt, why = _read_checkpoint(Path(cfg.ckpt_path))
+        step, why = _read_checkpoint(Path(cfg.ckpt_path))
         if why:
             raise QlabError(f"ckpt_path={cfg.ckpt_path} is unreadable ({why}): the file is "
                             f"truncated or corrupt. Pass another checkpoint, or drop ckpt_path "
                             f"to start without one.")
-        return str(cfg.ckpt_path), int(ckpt.get("global_step") or 0)
+        return str(cfg.ckpt_path), step
     if cfg.resume:
         if not last.is_file():
             raise QlabError(
                 f"resume=true but {last} does not exist: nothing to continue. Drop resume=true to "
                 f"start a new run, or pass ckpt_path=PATH."
             )
-        ckpt, why = _read_checkpoint(last)
+        step, why = _read_checkpoint(last)
         if why:
             others = sorted(p for p in last.parent.glob("*.ckpt") if p.name != last.name)
             other = (f"Continue from an earlier checkpoint with ckpt_path={others[-1]} (instead "
@@ -91,7 +91,7 @@ def _checkpoint_to_continue(cfg: DictConfig, out: Path) -> tuple[str | None, int
                 f"drop resume=true and pass overwrite=true (this deletes the checkpoints and logs "
                 f"in {out})."
             )
-        return str(last), int(ckpt.get("global_step") or 0)
+        return str(last), step
     earlier = [p for p in (out / "metrics.json", last) if p.exists()]
     if earlier and not _is_launcher_child():
         if not cfg.overwrite:
