@@ -109,6 +109,20 @@ class LitClassifier(L.LightningModule):
         self.train_samples += batch[1].numel()
         return self._step(batch, "train")
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient's global 2-norm before clipping (train/grad_norm) and, with
+        trainer.gradient_clip_val set, the fraction of steps the clip shrank (train/clipped)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=True, sync_dist=True)
+        clip = getattr(self.trainer, "gradient_clip_val", None)
+        algorithm = getattr(self.trainer, "gradient_clip_algorithm", None) or "norm"  # None: norm
+        if clip and algorithm == "norm":
+            self.log("train/clipped", (norm > clip).float(), on_step=False, on_epoch=True,
+                     sync_dist=True)
+
     def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 

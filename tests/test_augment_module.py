@@ -97,3 +97,34 @@ def test_batches_arrive_as_uint8_and_leave_normalized():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     out, y = lit.on_after_batch_transfer([x, torch.zeros(4, dtype=torch.long)], 0)
     torch.testing.assert_close(out, normalize(x.float() / 255))
+
+
+@pytest.mark.parametrize("clip, clipped", [(1e-6, 1.0), (1e6, 0.0)])
+def test_gradient_norm_before_clipping_is_logged(tmp_path, clip, clipped):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qlab.models import build_resnet20
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(8) % 10
+    lit = make_lit(model=build_resnet20(), mixup_prob=0.0)
+    seen = []
+    original = lit.on_before_optimizer_step
+
+    def spy(optimizer):
+        grads = [p.grad.flatten() for p in lit.parameters() if p.grad is not None]
+        seen.append(float(torch.cat(grads).norm()))
+        original(optimizer)
+
+    lit.on_before_optimizer_step = spy
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=clip, default_root_dir=tmp_path)
+    trainer.fit(lit, DataLoader(TensorDataset(x, y), batch_size=4))
+    logged = trainer.callback_metrics
+    assert len(seen) == 2 and seen[1] > 0
+    assert logged["train/grad_norm_step"].item() == pytest.approx(seen[1], rel=1e-5)
+    assert logged["train/grad_norm_epoch"].item() == pytest.approx(sum(seen) / 2, rel=1e-5)
+    assert logged["train/clipped"].item() == clipped
