@@ -285,3 +285,27 @@ def test_the_testbed_is_the_wide_airnet_with_airnets_recipe():
         assert testbed[key] == airnet[key], key
     assert testbed.scheduler.max_lr == 1.3  # the schedule peaks at the experiment's own lr
     assert {**testbed.scheduler, "max_lr": 1.5} == dict(airnet.scheduler)
+
+
+def test_the_whitening_can_run_in_float32_under_bf16_autocast():
+    """model.whiten_float32: the whitening conv's weak directions (large filters whose taps nearly
+    cancel) lose several % to bf16; in float32 they are exact, and the rest stays in bf16."""
+    torch.manual_seed(0)
+    base = torch.randn(16, 1, 32, 32)  # nearly grey images: the colour directions are weak
+    images = base.expand(16, 3, 32, 32) + 0.02 * torch.randn(16, 3, 32, 32)
+    errors = {}
+    for flag in (False, True):
+        model = build_airnet(whiten_float32=flag).eval()
+        model.init_whitening(images)
+        exact = model.whiten(images).relu()
+        seen = {}
+        hook = model.whiten_relu.register_forward_hook(lambda mod, args, out: seen.update(out=out))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(images)
+        hook.remove()
+        assert logits.dtype == torch.bfloat16
+        assert seen["out"].dtype == (torch.float32 if flag else torch.bfloat16)
+        errors[flag] = ((seen["out"].float() - exact).norm() / exact.norm()).item()
+        scripted = torch.jit.script(model)  # TorchScript (no autocast) takes the plain path
+        torch.testing.assert_close(scripted(images), model(images))
+    assert errors[True] < 1e-6 < 1e-2 < errors[False], errors
