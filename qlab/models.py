@@ -205,7 +205,7 @@ class AirNet(nn.Module):
         self.whiten.bias.zero_()
 
     def _whiten(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():  # TorchScript has no autocast
+        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript has no autocast; kept apart)
             if self.whiten_float32 and torch.is_autocast_enabled(x.device.type):
                 # the weak whitening directions are large filters whose taps nearly cancel: in
                 # bf16 they come out with 5-30 % relative error, in float32 exact to ~1e-6

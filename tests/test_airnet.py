@@ -299,7 +299,8 @@ def test_the_whitening_can_run_in_float32_under_bf16_autocast():
         model.init_whitening(images)
         exact = model.whiten(images).relu()
         seen = {}
-        hook = model.whiten_relu.register_forward_hook(lambda mod, args, out: seen.update(out=out))
+        hook = model.whiten_relu.register_forward_hook(
+            lambda mod, args, out, seen=seen: seen.update(out=out))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(images)
         hook.remove()
