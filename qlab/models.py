@@ -240,14 +240,9 @@ class AirNet(nn.Module):
                           inplace=True)
 
 
-def build_airnet(*, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256),
-                 whiten_width: int = 24, train_whitening: bool = False, init: str = "kaiming",
-                 bn_momentum: float = 0.1, bn_weight: bool = True,
-                 logit_scale: float = 1.0, whiten_float32: bool = False) -> AirNet:
-    """AirNet (see the class): the testbed network."""
-    return AirNet(num_classes=num_classes, widths=tuple(widths), whiten_width=whiten_width,
-                  train_whitening=train_whitening, init=init, bn_momentum=bn_momentum,
-                  bn_weight=bn_weight, logit_scale=logit_scale, whiten_float32=whiten_float32)
+def build_airnet(*, widths: Sequence[int] = (64, 256, 256), **options) -> AirNet:
+    """AirNet (see the class for its options): the testbed network, widths from a config list."""
+    return AirNet(widths=tuple(widths), **options)
 
 
 # torchvision's MobileNetV2 setting (expansion t, channels c, blocks n, stride s) with the
