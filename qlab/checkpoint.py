@@ -47,8 +47,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 def load_fp32_weights(model: nn.Module, path: Path) -> nn.Module:
     """Load FP32 weights into `model`, explaining an architecture or class-count mismatch; every
-    quantization flow starts here, so a model's logit scale is folded into its head here
-    (`fold_logit_scale`: same logits, and no float multiply left after the INT8 head)."""
+    quantization flow starts here, so a model's own quantizable form is made here
+    (`prepare_quantization`, same logits: AirNet folds its logit scale into the head, so no float
+    multiply is left after the INT8 head, and moves its pools behind BN and ReLU to fuse)."""
     state = read_state_dict(path)
     expected = model.state_dict()
     fc_w = state.get("fc.weight")
@@ -72,6 +73,6 @@ def load_fp32_weights(model: nn.Module, path: Path) -> nn.Module:
             f"check model.stem / model.maxpool against the FP32 run's .hydra/config.yaml."
         )
     model.load_state_dict(state)
-    if hasattr(model, "fold_logit_scale"):
-        model.fold_logit_scale()
+    if hasattr(model, "prepare_quantization"):
+        model.prepare_quantization()
     return model

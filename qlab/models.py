@@ -22,6 +22,8 @@ from torchvision.models.quantization.resnet import (
 )
 from torchvision.models.quantization.utils import _fuse_modules, _replace_relu
 
+from qlab.errors import QlabError
+
 STEMS = ("cifar", "imagenet")
 
 
@@ -123,11 +125,14 @@ def build_resnet20(
 
 class ConvGroup(nn.Module):
     """conv3x3-BN-ReLU, 2x2 max-pool, conv3x3-BN-ReLU: one of AirNet's three stages. BN and ReLU
-    come before the pool (airbench pools first) so each conv fuses with its BN and ReLU."""
+    come before the pool so each conv fuses with its BN and ReLU; `pool_first` trains as airbench
+    does, conv-pool-BN-ReLU (BN statistics of the pooled map), and `pool_last` turns that into the
+    same function in the fusable order."""
 
     def __init__(self, cin: int, cout: int, *, bn_momentum: float = 0.1,
-                 bn_weight: bool = True) -> None:
+                 bn_weight: bool = True, pool_first: bool = False) -> None:
         super().__init__()
+        self.pool_first = bool(pool_first)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout, momentum=bn_momentum)
         self.relu1 = nn.ReLU(inplace=True)
@@ -139,8 +144,25 @@ class ConvGroup(nn.Module):
             bn.weight.requires_grad_(bn_weight)  # airbench trains only the BN biases
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(self.relu1(self.bn1(self.conv1(x))))
+        if self.pool_first:
+            x = self.relu1(self.bn1(self.pool(self.conv1(x))))
+        else:
+            x = self.pool(self.relu1(self.bn1(self.conv1(x))))
         return self.relu2(self.bn2(self.conv2(x)))
+
+    @torch.no_grad()
+    def pool_last(self) -> None:
+        """conv-pool-BN-ReLU -> conv-BN-ReLU-pool, the same function in eval: BN with a positive
+        scale and ReLU are nondecreasing per channel, so they commute with the max. Idempotent."""
+        if not self.pool_first:
+            return
+        scale = self.bn1.weight / (self.bn1.running_var + self.bn1.eps).sqrt()
+        if not bool((scale > 0).all()):
+            raise QlabError(
+                f"model.pool_first: {int((scale <= 0).sum())} of {scale.numel()} BN channels have "
+                f"a scale <= 0, so the pool cannot move behind BN and ReLU (fusion needs it there); "
+                f"train pool_first models with model.bn_weight=false (BN weights fixed at 1).")
+        self.pool_first = False
 
 
 class AirNet(nn.Module):
@@ -153,7 +175,8 @@ class AirNet(nn.Module):
     def __init__(self, *, num_classes: int = 10, widths: Sequence[int] = (64, 256, 256),
                  whiten_width: int = 24, train_whitening: bool = False, init: str = "kaiming",
                  bn_momentum: float = 0.1, bn_weight: bool = True,
-                 logit_scale: float = 1.0, whiten_float32: bool = False) -> None:
+                 logit_scale: float = 1.0, whiten_float32: bool = False,
+                 pool_first: bool = False) -> None:
         super().__init__()
         _check_classes(num_classes)
         if whiten_width % 2 or not 2 <= whiten_width <= 24:
@@ -175,7 +198,8 @@ class AirNet(nn.Module):
         self.whiten_float32 = bool(whiten_float32)
         groups, cin = [], whiten_width
         for width in widths:
-            groups.append(ConvGroup(cin, width, bn_momentum=bn_momentum, bn_weight=bn_weight))
+            groups.append(ConvGroup(cin, width, bn_momentum=bn_momentum, bn_weight=bn_weight,
+                                    pool_first=pool_first))
             cin = width
         self.layers = nn.Sequential(*groups)
         self.pool = nn.MaxPool2d(3)
@@ -230,10 +254,18 @@ class AirNet(nn.Module):
             self.fc.bias.mul_(self.logit_scale)
             self.logit_scale = 1.0
 
-    def fuse_model(self, is_qat: bool | None = None) -> None:
-        """The logit scale into the head, whitening conv + ReLU, then conv-BN-ReLU twice per
-        group."""
+    @torch.no_grad()
+    def prepare_quantization(self) -> None:
+        """The float model every quantization flow starts from, with the same logits: the logit
+        scale folded into the head and each group's pool behind its BN and ReLU. Idempotent."""
         self.fold_logit_scale()
+        for group in self.layers:
+            group.pool_last()
+
+    def fuse_model(self, is_qat: bool | None = None) -> None:
+        """The quantizable form (`prepare_quantization`), whitening conv + ReLU, then conv-BN-ReLU
+        twice per group."""
+        self.prepare_quantization()
         _fuse_modules(self, ["whiten", "whiten_relu"], is_qat, inplace=True)
         for group in self.layers:
             _fuse_modules(group, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"]], is_qat,

@@ -310,3 +310,49 @@ def test_the_whitening_can_run_in_float32_under_bf16_autocast():
         scripted = torch.jit.script(model)  # TorchScript (no autocast) takes the plain path
         torch.testing.assert_close(scripted(images), model(images))
     assert errors[True] < 1e-6 < 1e-2 < errors[False], errors
+
+
+def _trained_bn(model: nn.Module) -> nn.Module:
+    """Running statistics and biases away from their defaults (BN weights stay as they are)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.2, 3)
+                m.bias.normal_(0, 0.3)
+    return model
+
+
+def test_pool_first_trains_on_pooled_statistics_and_quantizes_in_the_fusable_order(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    model = build_airnet(pool_first=True, bn_weight=False, logit_scale=1 / 9)
+    with torch.no_grad():  # train mode: BN normalizes the pooled 16x16 map, not the 32x32 one
+        group = model.layers[0]
+        pooled = group.pool(group.conv1(model.whiten_relu(model.whiten(x))))
+        model(x)
+    torch.testing.assert_close(group.bn1.running_mean, 0.9 * torch.zeros(64)
+                               + 0.1 * pooled.mean((0, 2, 3)))
+    _trained_bn(model).eval()
+    with torch.no_grad():
+        ref = model(x)
+        torch.save(model.state_dict(), tmp_path / "w.pt")
+        # every quantization flow loads through load_fp32_weights: the pools move there
+        fresh = load_fp32_weights(build_airnet(pool_first=True, bn_weight=False,
+                                               logit_scale=1 / 9), tmp_path / "w.pt").eval()
+        assert not any(g.pool_first for g in fresh.layers) and fresh.logit_scale == 1.0
+        torch.testing.assert_close(fresh(x), ref)
+        fused = copy.deepcopy(model)
+        fused.fuse_model(is_qat=False)
+        assert type(fused.layers[0].conv1).__name__ == "ConvReLU2d"
+        torch.testing.assert_close(fused(x), ref, atol=1e-4, rtol=1e-4)
+        scripted = torch.jit.script(model)  # the FP32 export keeps the training order
+        torch.testing.assert_close(scripted(x), ref)
+
+
+def test_pool_first_refuses_to_move_a_pool_behind_a_negative_bn_scale():
+    model = _trained_bn(build_airnet(pool_first=True)).eval()
+    with torch.no_grad():
+        model.layers[1].bn1.weight[3] = -0.5
+    with pytest.raises(QlabError, match=r"1 of 256 BN channels have a scale <= 0.*bn_weight=false"):
+        model.fuse_model(is_qat=False)
