@@ -257,10 +257,14 @@ class AirNet(nn.Module):
     @torch.no_grad()
     def prepare_quantization(self) -> None:
         """The float model every quantization flow starts from, with the same logits: the logit
-        scale folded into the head and each group's pool behind its BN and ReLU. Idempotent."""
+        scale folded into the head and each group's pool behind its BN and ReLU. Idempotent.
+        A model whose pools moved sets `bn_statistics_fixed`: its BN statistics are those of the
+        pooled maps, so QAT normalizes with them (frozen) from its first step."""
         self.fold_logit_scale()
         for group in self.layers:
-            group.pool_last()
+            if group.pool_first:
+                group.pool_last()
+                self.bn_statistics_fixed = True
 
     def fuse_model(self, is_qat: bool | None = None) -> None:
         """The quantizable form (`prepare_quantization`), whitening conv + ReLU, then conv-BN-ReLU

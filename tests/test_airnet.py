@@ -356,3 +356,27 @@ def test_pool_first_refuses_to_move_a_pool_behind_a_negative_bn_scale():
         model.layers[1].bn1.weight[3] = -0.5
     with pytest.raises(QlabError, match=r"1 of 256 BN channels have a scale <= 0.*bn_weight=false"):
         model.fuse_model(is_qat=False)
+
+
+@pytest.mark.parametrize("pool_first", [True, False])
+def test_qat_of_a_pool_first_model_keeps_its_pooled_bn_statistics_from_the_first_step(
+        use_engine, pool_first):
+    from qlab.quant.qat import QATCallback
+    from qlab.quant.qconfig import build_qconfig
+
+    use_engine("x86")
+    torch.manual_seed(0)
+    model = _trained_bn(build_airnet(pool_first=pool_first, bn_weight=False))
+    stats = model.layers[0].bn1.running_mean.clone()
+    lit = SimpleNamespace(model=model)
+    cb = QATCallback(qconfig=build_qconfig(qat=True, per_channel=True), fp32_weights=None,
+                     freeze_observer_epoch=9, freeze_bn_epoch=9)
+    cb.setup(None, lit, "fit")
+    assert not any(g.pool_first for g in model.layers)
+    cb.on_train_epoch_start(SimpleNamespace(current_epoch=0), lit)
+    frozen = [m.freeze_bn for m in model.modules() if hasattr(m, "freeze_bn")]
+    assert len(frozen) == 6 and all(f == pool_first for f in frozen)
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))  # a training step's forward
+    # frozen: the statistics of the pooled maps it was trained with stay; otherwise they move
+    assert torch.equal(model.layers[0].conv1.bn.running_mean, stats) == pool_first

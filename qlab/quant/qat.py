@@ -46,6 +46,7 @@ class QATCallback(L.Callback):
         self.float_layers = list(float_layers)
         self.freeze_observer_epoch, self.freeze_bn_epoch = freeze_observer_epoch, freeze_bn_epoch
         self.prepared = False
+        self.bn_fixed = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.prepared:
@@ -53,6 +54,10 @@ class QATCallback(L.Callback):
         model = pl_module.model
         if self.fp32_weights is not None:
             load_fp32_weights(model, self.fp32_weights)
+        if hasattr(model, "prepare_quantization"):  # as load_fp32_weights, without weights too
+            model.prepare_quantization()
+        # BN statistics of another layer order (AirNet's pool_first): frozen from the first step
+        self.bn_fixed = bool(getattr(model, "bn_statistics_fixed", False))
         model.train()
         pl_module.model = self.prepare(model)
         self.prepared = True
@@ -89,7 +94,7 @@ class QATCallback(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         self.set_observers(pl_module.model, self.observing(epoch))
-        if epoch >= self.freeze_bn_epoch:
+        if epoch >= self.freeze_bn_epoch or self.bn_fixed:
             self.freeze_bn(pl_module.model)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
