@@ -53,8 +53,8 @@ class QATCallback(L.Callback):
             return
         model = pl_module.model
         if self.fp32_weights is not None:
-            load_fp32_weights(model, self.fp32_weights)
-        if hasattr(model, "prepare_quantization"):  # as load_fp32_weights, without weights too
+            load_fp32_weights(model, self.fp32_weights)  # prepare_quantization included
+        elif hasattr(model, "prepare_quantization"):  # as load_fp32_weights, without weights
             model.prepare_quantization()
         # BN statistics of another layer order (AirNet's pool_first): frozen from the first step
         self.bn_fixed = bool(getattr(model, "bn_statistics_fixed", False))
